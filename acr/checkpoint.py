@@ -1,0 +1,44 @@
+"""Training state on disk: one `state.pt` per checkpoint folder, written atomically, always read with
+`torch.load(weights_only=True)` (no unpickling of arbitrary objects)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from acr.config import Config, config_from_dict
+from acr.models.factory import build_classifier
+
+STATE_FILE = "state.pt"
+
+
+def save_state(folder: Path, state: dict) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state-", suffix=".tmp")
+    os.close(fd)
+    torch.save(state, tmp)
+    os.replace(tmp, folder / STATE_FILE)
+    return folder / STATE_FILE
+
+
+def load_state(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint state at {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config]:
+    """The trained classifier of a checkpoint folder (or state.pt), with the config it was trained with."""
+    state = load_state(path)
+    cfg = config_from_dict(state["config"])
+    cfg.model.pretrained = None  # the checkpoint has every weight
+    model = build_classifier(cfg)
+    model.load_state_dict(state["classifier"])
+    return model.to(device).eval(), cfg

@@ -1,0 +1,428 @@
+"""One typed configuration tree for every job.
+
+A config is built from (1) the dataclass defaults below, (2) a YAML file, (3) dotted ``key=value`` overrides from the
+command line, applied in that order. Unknown keys and values of the wrong type raise :class:`ConfigError` naming the
+key. Nothing here reads the environment or the file system except the YAML file it is asked to load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The tree
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded dataset (see :mod:`acr.data.synthetic`)."""
+
+    num_classes: int = 6
+    image_size: int = 128
+    train_images: int = 320
+    val_images: int = 96
+    seed: int = 0
+    # Classes (by 0-based index) that usually appear with a typical background context ("boat on water").
+    context_classes: list[int] = field(default_factory=lambda: [0, 1])
+    context_probability: float = 0.9
+    max_objects: int = 2
+
+
+@dataclass
+class DataConfig:
+    format: Literal["synthetic", "voc"] = "synthetic"
+    # Dataset root. For `synthetic` it may stay null: the dataset is generated into cache_dir and reused.
+    root: str | None = None
+    # Where generated datasets (and later shards) go; never inside `root`. null = $ACR_CACHE or ~/.cache/acr.
+    cache_dir: str | None = None
+    train_split: str = "train"
+    # Image-level labels for VOC: `auto` (labels file if given, else XML, else masks), `xml`, `masks`, `file`.
+    labels: Literal["auto", "xml", "masks", "file"] = "auto"
+    # A JSON {id: [class ids 1..C]} or .npy (psa/IRN cls_labels.npy, {id: multi-hot}) labels file.
+    labels_file: str | None = None
+    num_classes: int = 20
+    # Loader threads per training worker (0 = in the training process).
+    loader_workers: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    # `long_side`: the long side is drawn uniformly from resize_range (pixels; the released code, 384-512).
+    # `scale`: the image is rescaled by a factor drawn from resize_range (the paper, 0.5-1.3).
+    resize_mode: Literal["long_side", "scale"] = "long_side"
+    resize_range: list[float] = field(default_factory=lambda: [384.0, 512.0])
+    crop_size: int = 256
+    flip: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet38d", "resnet50", "resnet101", "resnet18"] = "resnet38d"
+    output_stride: Literal[8, 16] = 8
+    # ImageNet weights: a torchvision state dict (.pth) for resnets; an MXNet `.params` or converted `.pth` for
+    # resnet38d. null = random init. Never downloaded.
+    pretrained: str | None = None
+    # `two_layer`: 1x1 conv -> ReLU -> 1x1 conv (the released code); `linear`: one 1x1 conv (the paper).
+    cam_head: Literal["two_layer", "linear"] = "two_layer"
+    cam_head_hidden: int = 256
+    freeze_bn: bool = True
+    # Without pretrained weights, frozen BN would be the identity: its statistics are first estimated from this many
+    # training images (the same ones on every worker). 0 keeps the default statistics.
+    bn_calibration_images: int = 64
+    # Switches every Dropout/Dropout2d off (deterministic tests); the rates are the released code's.
+    dropout: bool = True
+    # Encoder taps: backbone stages whose outputs are projected and concatenated into X (see models/backbones.py).
+    encoder_taps: list[str] = field(default_factory=lambda: ["stage4", "stage5", "final"])
+    encoder_tap_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    # pix2pix U-Net: `decoder_depth` stride-2 levels, so the crop side must be a multiple of 2**decoder_depth.
+    decoder_depth: int = 8
+    decoder_width: int = 64
+
+
+@dataclass
+class SRFConfig:
+    """Stochastic Remnant Feeding (paper Sec. 4.2.2, Eq. 8-10)."""
+
+    enabled: bool = True
+    grid_size: int = 16
+    # q = probability that a grid cell carries a remnant. `fixed`: q_start always (the paper);
+    # `per_epoch`: q = clip(q_start + q_per_epoch * epoch, 0, 1) (the released code: 0.80 - 0.01 * epoch).
+    q_schedule: Literal["fixed", "per_epoch"] = "per_epoch"
+    q_start: float = 0.8
+    q_per_epoch: float = -0.01
+
+
+@dataclass
+class MethodConfig:
+    # `adversarial`: ACR. `pretrained`: the reconstructor is loaded from `pretrained_reconstructor` and frozen
+    # (paper Table 1). `none`: classification only (the baseline).
+    reconstructor: Literal["adversarial", "pretrained", "none"] = "adversarial"
+    pretrained_reconstructor: str | None = None
+    # `image`: A_t and X are upsampled to the crop and multiplied there (released code);
+    # `feature`: Eq. 3 at the feature resolution h x w, the masked features are upsampled for the decoder (paper).
+    decompose_at: Literal["image", "feature"] = "image"
+    # `normalized`: the ImageNet-normalised input (released code); `unit_range`: the image in [0, 1] (paper).
+    reconstruction_target: Literal["normalized", "unit_range"] = "normalized"
+    # `tensor_size`: mean over B*3*H*W (released code); `mask_area`: per image, sum / (3 * mask area) (paper's |.|_1
+    # read as a masked mean), then mean over the batch.
+    l1_normalization: Literal["tensor_size", "mask_area"] = "tensor_size"
+    srf: SRFConfig = field(default_factory=SRFConfig)
+    # Eq. 7 weights. The released code hard-codes 0.5 (target-region recon) and 0.3 (non-target-region recon).
+    ru_target_weight: float = 0.5
+    ru_nontarget_weight: float = 0.3
+    # Eq. 14 weights; 0 switches a term off (and skips its decoder pass): paper Table 2.
+    cu_target_weight: float = 0.8
+    cu_nontarget_weight: float = 0.3
+    # V_t^CU: `soft` = 1 - A_t (paper) or `zero_cam` = 1[A_t == 0] (released code).
+    cu_target_mask: Literal["soft", "zero_cam"] = "zero_cam"
+    # V_nt^CU: `cam` = A_t (paper) or `cam_where_top` = A_t * 1[argmax_c CAM = t] (released code).
+    cu_nontarget_mask: Literal["cam", "cam_where_top"] = "cam_where_top"
+    # Released-code terms not in the paper: encoder classification BCE and decoder-only auto-encoding L1.
+    encoder_cls_weight: float = 1.0
+    autoencode_weight: float = 0.2
+    # Released code: the RU non-target-region term ignores images whose input mask has <= this many pixels.
+    min_valid_pixels: int = 50
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    # The released code passes weight_decay into SGD's momentum slot (momentum = 5e-4). true reproduces that.
+    momentum_equals_weight_decay: bool = False
+    # `layer_type`: conv weights 1x, conv biases 2x (no decay), deconv weights 10x, deconv biases 20x (released code);
+    # `uniform`: every parameter at lr (the paper states no multipliers).
+    lr_multipliers: Literal["layer_type", "uniform"] = "layer_type"
+    poly_power: float = 0.9
+    # Length of the poly schedule in epochs (null = train.epochs). The released code: 40, while it trains 100.
+    schedule_epochs: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    # The global batch, divided evenly among the workers.
+    batch_size: int = 8
+    seed: int = 4242
+    # Stop an epoch after this many steps (null = the whole epoch); for smoke tests and benchmarks.
+    max_steps_per_epoch: int | None = None
+    checkpoint_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    # Compute threads per worker (null = torch's default).
+    threads_per_worker: int | None = None
+    # `auto`: bf16 autocast on CUDA, fp32 on the CPU. `bf16`: autocast to bfloat16 on any device.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # A non-finite loss skips that optimiser step (released code); after this many in a row the run stops with an
+    # error, keeping the last good checkpoint.
+    max_consecutive_nonfinite: int = 10
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    split: str = "train"
+    scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    flip: bool = True
+    # Background threshold sweep: start, stop (inclusive), step.
+    thresholds: list[float] = field(default_factory=lambda: [0.05, 0.60, 0.01])
+    max_images: int | None = None
+    overlays: int = 8
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # Worker restarts from the last checkpoint after a failure (Ray Train FailureConfig; -1 = unlimited).
+    max_failures: int = 0
+
+
+@dataclass
+class RayConfig:
+    # null: join the cluster named by RAY_ADDRESS if set, else start a local one.
+    address: str | None = None
+    # Logical CPUs of a locally started Ray (null = detected).
+    num_cpus: int | None = None
+    include_dashboard: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building and validating
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints are accepted where floats are expected)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed if a == value):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of sub-keys, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # pragma: no cover - a bug in this file
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown config key '{where}' (known under '{prefix or '<root>'}': {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a validated Config from `to_dict` output (e.g. inside a Ray worker)."""
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-able data."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            raise ConfigError(f"unknown config key '{key}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` strings -> (key, value); values are parsed as YAML (`1e-3`, `[1, 2]`, `null`, `true`)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
+        out.append((key, value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, validated."""
+    tree = to_dict(Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _check_keys(loaded, tree, "", str(path))
+        _merge(tree, loaded)
+    for key, value in parse_overrides(overrides or []):
+        _check_keys({key: value}, tree, "", "command line", dotted=True)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def _check_keys(given: dict, reference: dict, prefix: str, source: str, dotted: bool = False) -> None:
+    for k, v in given.items():
+        parts = k.split(".") if dotted else [k]
+        node = reference
+        path = prefix
+        for p in parts:
+            path = f"{path}.{p}" if path else p
+            if not isinstance(node, dict) or p not in node:
+                raise ConfigError(f"unknown config key '{path}' (from {source})")
+            node = node[p]
+        if isinstance(v, dict) and isinstance(node, dict):
+            _check_keys(v, node, path, source)
+
+
+def _merge(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that the types alone cannot express."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    need(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    need(cfg.scaling.num_workers >= 1, f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
+    need(
+        cfg.train.batch_size % cfg.scaling.num_workers == 0,
+        f"train.batch_size={cfg.train.batch_size} (the global batch) must divide evenly among "
+        f"scaling.num_workers={cfg.scaling.num_workers}",
+    )
+    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(len(cfg.augment.resize_range) == 2 and 0 < cfg.augment.resize_range[0] <= cfg.augment.resize_range[1],
+         f"augment.resize_range must be [low, high] with 0 < low <= high, got {cfg.augment.resize_range}")
+    side = 2 ** cfg.model.decoder_depth
+    if cfg.method.reconstructor != "none":
+        need(cfg.augment.crop_size % side == 0,
+             f"augment.crop_size={cfg.augment.crop_size} must be a multiple of 2**model.decoder_depth={side} "
+             "(the U-Net halves the side decoder_depth times)")
+    need(cfg.model.decoder_depth >= 2, f"model.decoder_depth must be >= 2, got {cfg.model.decoder_depth}")
+    need(len(cfg.model.encoder_taps) == len(cfg.model.encoder_tap_channels) and cfg.model.encoder_taps,
+         "model.encoder_taps and model.encoder_tap_channels must be non-empty lists of the same length")
+    srf = cfg.method.srf
+    need(srf.grid_size >= 1 and cfg.augment.crop_size % srf.grid_size == 0,
+         f"method.srf.grid_size={srf.grid_size} must divide augment.crop_size={cfg.augment.crop_size}")
+    need(0.0 <= srf.q_start <= 1.0, f"method.srf.q_start must be in [0, 1], got {srf.q_start}")
+    need(cfg.method.reconstructor != "pretrained" or cfg.method.pretrained_reconstructor,
+         "method.reconstructor=pretrained needs method.pretrained_reconstructor (a checkpoint path)")
+    t = cfg.eval.thresholds
+    need(len(t) == 3 and t[2] > 0 and t[0] <= t[1],
+         f"eval.thresholds must be [start, stop, step] with step > 0, got {t}")
+    need(cfg.eval.scales and all(s > 0 for s in cfg.eval.scales), f"eval.scales must be positive, got {cfg.eval.scales}")
+    if cfg.data.format == "synthetic":
+        need(cfg.synthetic.num_classes >= 2, "synthetic.num_classes must be >= 2")
+        need(all(0 <= c < cfg.synthetic.num_classes for c in cfg.synthetic.context_classes),
+             f"synthetic.context_classes {cfg.synthetic.context_classes} must be class indices "
+             f"< synthetic.num_classes={cfg.synthetic.num_classes}")
+    else:
+        need(cfg.data.root is not None, f"data.format={cfg.data.format} needs data.root")
+    need(cfg.data.labels != "file" or cfg.data.labels_file, "data.labels=file needs data.labels_file")
+
+
+def num_classes(cfg: Config) -> int:
+    """Foreground classes of the configured dataset."""
+    return cfg.synthetic.num_classes if cfg.data.format == "synthetic" else cfg.data.num_classes
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Ray glue: the per-worker training loop and the TorchTrainer driver."""

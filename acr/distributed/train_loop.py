@@ -1,0 +1,305 @@
+"""The per-worker training function run by Ray Train's TorchTrainer.
+
+[1] each worker builds its data slice and both networks; [2] the trained networks are wrapped for DDP by
+`ray.train.torch.prepare_model` (gloo on CPU, NCCL on GPU); [3] every epoch (and every N steps if configured) all
+workers call `ray.train.report`, rank 0 attaching the checkpoint; [4] after training the eval split is scored by all
+workers (each a strided share of the images, confusion matrices summed) and the result is reported with the final
+checkpoint. Rerunning with the same storage path and name hands the last checkpoint back through
+`ray.train.get_checkpoint()` and training resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from acr.cam import evaluate_image, infer_cams
+from acr.checkpoint import load_state, save_state
+from acr.config import Config, config_from_dict, num_classes, to_dict
+from acr.data.dataset import CALIBRATION_EPOCH, EvalDataset, TrainDataset, WorkerBatchSampler
+from acr.data.sources import class_names, load_split
+from acr.method.acr import unwrap
+from acr.method.optim import build_optimizer
+from acr.method.schedules import srf_probability
+from acr.method.step import StepCounters, train_step
+from acr.metrics import scores, thresholds_from
+from acr.models.backbones import calibrate_batchnorm
+from acr.models.factory import build_classifier, build_reconstructor
+from acr.viz import save_cam_overlays
+
+EVAL_FILE = "eval.json"
+HISTORY_FILE = "history.json"
+OVERLAYS_FILE = "cam_overlays.png"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if not _distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def reduce_sum_numpy(a: np.ndarray) -> np.ndarray:
+    if not _distributed():
+        return a
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    dist.all_reduce(t)
+    return t.numpy()
+
+
+def _load_frozen_reconstructor(cfg: Config, device: torch.device) -> torch.nn.Module:
+    rec = build_reconstructor(cfg)
+    state = load_state(cfg.method.pretrained_reconstructor)
+    if state.get("reconstructor") is None:
+        raise ValueError(f"{cfg.method.pretrained_reconstructor} holds no reconstructor")
+    missing, unexpected = rec.load_state_dict(state["reconstructor"], strict=False)
+    if missing or [k for k in unexpected if not k.startswith("cls_head.")]:
+        raise ValueError(f"{cfg.method.pretrained_reconstructor}: reconstructor does not fit this config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    rec.requires_grad_(False)
+    return rec.to(device).eval()
+
+
+class RaySession:
+    """What the loop needs from Ray Train inside a TorchTrainer worker."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def get_checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, folder: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        # Frozen BN buffers never change: broadcasting them before every forward would be wasted work.
+        return ray.train.torch.prepare_model(model, move_to_device=self.device,
+                                             parallel_strategy_kwargs={"broadcast_buffers": False})
+
+
+class LocalSession:
+    """The same loop in this process, without Ray (one worker): the plain PyTorch baseline of the benchmarks.
+    Checkpoints are copied to `folder/checkpoint_NNNNNN`; `reports` keeps every reported metrics dict."""
+
+    def __init__(self, folder: Path, device: torch.device | str = "cpu"):
+        self.rank, self.world, self.device = 0, 1, torch.device(device)
+        self.folder = Path(folder)
+        self.reports: list[dict] = []
+        self.last_checkpoint: Path | None = None
+
+    def get_checkpoint(self):
+        return None
+
+    def report(self, metrics: dict, folder: Path | None) -> None:
+        self.reports.append(metrics)
+        if folder:
+            import shutil
+
+            dest = self.folder / f"checkpoint_{len(self.reports):06d}"
+            shutil.copytree(folder, dest)
+            self.last_checkpoint = dest
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """The TorchTrainer entry point."""
+    run_worker(loop_config, RaySession())
+
+
+def run_worker(loop_config: dict, session) -> None:
+    cfg = config_from_dict(loop_config["config"])
+    data_root = Path(loop_config["data_root"])
+    rank, world, device = session.rank, session.world, session.device
+    threads = cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed * 1000 + rank)  # only dropout draws from torch's RNG
+
+    # [1] data and networks
+    records = load_split(cfg, cfg.data.train_split, root=data_root)
+    g = cfg.method.srf.grid_size
+    dataset = TrainDataset(records, num_classes(cfg), cfg.train.seed, cfg.augment.resize_mode,
+                           cfg.augment.resize_range, cfg.augment.crop_size, cfg.augment.flip, g)
+    steps_per_epoch = len(records) // cfg.train.batch_size
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise ValueError(f"split '{cfg.data.train_split}' has {len(records)} images, fewer than the global batch "
+                         f"train.batch_size={cfg.train.batch_size}")
+    max_step = steps_per_epoch * (cfg.optim.schedule_epochs or cfg.train.epochs)
+
+    classifier = build_classifier(cfg)
+    mode = cfg.method.reconstructor
+    reconstructor = build_reconstructor(cfg) if mode == "adversarial" else None
+    start_epoch, start_step, counters, history = 0, 0, StepCounters(), {"epochs": [], "steps": []}
+    opt_cls = build_optimizer(classifier, cfg.optim)
+    opt_rec = build_optimizer(reconstructor, cfg.optim) if reconstructor is not None else None
+
+    checkpoint = session.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+            hist_file = Path(d) / HISTORY_FILE
+            history = json.loads(hist_file.read_text()) if hist_file.is_file() else history
+        classifier.load_state_dict(state["classifier"])
+        opt_cls.load_state_dict(state["opt_cls"])
+        if reconstructor is not None:
+            reconstructor.load_state_dict(state["reconstructor"])
+            opt_rec.load_state_dict(state["opt_rec"])
+        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+        counters = StepCounters(**state["counters"])
+        torch.set_rng_state(state["torch_rng"][rank % len(state["torch_rng"])])
+
+    if checkpoint is None and cfg.model.pretrained is None and cfg.model.freeze_bn and cfg.model.bn_calibration_images:
+        # Random init: estimate the frozen BatchNorm statistics from the same training images on every worker.
+        calib = [torch.stack([dataset[(CALIBRATION_EPOCH, i)]["image"] for i in range(j, min(j + 8, len(dataset)))]).to(device)
+                 for j in range(0, min(cfg.model.bn_calibration_images, len(dataset)), 8)]
+        for net in (classifier, reconstructor):
+            if net is not None:
+                net.to(device)
+                calibrate_batchnorm(net.backbone, calib)
+
+    # [2] DDP
+    classifier = session.prepare(classifier)
+    if reconstructor is not None:
+        reconstructor = session.prepare(reconstructor)
+    elif mode == "pretrained":
+        reconstructor = _load_frozen_reconstructor(cfg, device)
+
+    def state_dict(epoch: int, step_in_epoch: int) -> dict:
+        rngs = [torch.zeros(0, dtype=torch.uint8) for _ in range(world)]
+        local = torch.get_rng_state()
+        if _distributed():
+            gathered = [torch.zeros_like(local) for _ in range(world)]
+            dist.all_gather(gathered, local)
+            rngs = gathered
+        else:
+            rngs = [local]
+        return {
+            "config": to_dict(cfg), "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "counters": counters.__dict__.copy(), "torch_rng": rngs,
+            "classifier": unwrap(classifier).state_dict(), "opt_cls": opt_cls.state_dict(),
+            "reconstructor": unwrap(reconstructor).state_dict() if opt_rec is not None else None,
+            "opt_rec": opt_rec.state_dict() if opt_rec is not None else None,
+        }
+
+    def report(metrics: dict, epoch: int, step_in_epoch: int, extra=None) -> None:
+        state = state_dict(epoch, step_in_epoch)  # every rank joins the RNG all-gather
+        if rank != 0:
+            session.report(metrics, None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state(Path(tmp), state)
+            (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+            if extra:
+                extra(Path(tmp))
+            session.report(metrics, Path(tmp))
+
+    # [3] training
+    collate_keys = ("image", "labels", "target_u", "grid_u")
+    for epoch in range(start_epoch, cfg.train.epochs):
+        q = srf_probability(cfg.method.srf, epoch)
+        sampler = WorkerBatchSampler(len(records), cfg.train.batch_size, rank, world, cfg.train.seed, epoch,
+                                     start_step=start_step, max_steps=steps_per_epoch)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers)
+        sums: dict[str, float] = {}
+        n_steps, t_steps = 0, 0.0
+        step = start_step
+        for batch in loader:
+            t0 = time.perf_counter()
+            batch = {k: batch[k].to(device, non_blocking=True) for k in collate_keys}
+            out = train_step(classifier, reconstructor, opt_cls, opt_rec, batch, cfg, q, max_step, counters,
+                             reduce_mean, device)
+            t_steps += time.perf_counter() - t0
+            history["steps"].append({"epoch": epoch, "step": step, "ru/loss": out.get("ru/loss"),
+                                     "cu/loss": out["cu/loss"]})
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_steps += 1
+            step += 1
+            every = cfg.train.checkpoint_every_steps
+            if every and step % every == 0 and step < steps_per_epoch:
+                report({"epoch": epoch, "step_in_epoch": step}, epoch, step)
+        start_step = 0
+        keys = sorted(sums)
+        means = reduce_mean(torch.tensor([sums[k] / max(n_steps, 1) for k in keys], dtype=torch.float64)).tolist()
+        speed = float(reduce_mean(torch.tensor(n_steps * cfg.train.batch_size / world / max(t_steps, 1e-9))) * world)
+        epoch_stats = {"epoch": epoch, **dict(zip(keys, means)), "srf_q": q, "images_per_second": speed,
+                       "skipped_steps": counters.skipped_steps}
+        history["epochs"].append(epoch_stats)
+        if epoch + 1 < cfg.train.epochs or not cfg.eval.enabled:
+            report(epoch_stats, epoch + 1, 0)
+
+    # [4] evaluation, reported with the final checkpoint
+    final_epoch = cfg.train.epochs
+    if not cfg.eval.enabled:
+        if start_epoch >= cfg.train.epochs:  # resumed after the end: nothing left to do
+            report({"epoch": final_epoch}, final_epoch, 0)
+        return
+    result, overlays = evaluate_split(unwrap(classifier), cfg, data_root, device, rank, world)
+    last = history["epochs"][-1] if history["epochs"] else {}
+
+    def write_eval(folder: Path) -> None:
+        (folder / EVAL_FILE).write_text(json.dumps(result, indent=1))
+        save_cam_overlays(folder / OVERLAYS_FILE, overlays, class_names(cfg, data_root), result["threshold"])
+
+    report({**last, "epoch": final_epoch, "cam_miou": result["cam_miou"], "precision": result["precision"],
+            "recall": result["recall"], "threshold": result["threshold"]}, final_epoch, 0, extra=write_eval)
+
+
+def evaluate_split(classifier: torch.nn.Module, cfg: Config, data_root: Path, device: torch.device, rank: int,
+                   world: int) -> tuple[dict, list[dict]]:
+    """CAM quality on `eval.split`: each worker infers CAMs for images rank, rank+W, ...; the confusion matrices
+    are summed over workers; the background threshold is swept and the best mIoU reported with its precision and
+    recall. Also scores the two floors. Rank 0 returns the first `eval.overlays` images for pictures."""
+    records = load_split(cfg, cfg.eval.split, require_masks=True, root=data_root)
+    if cfg.eval.max_images:
+        records = records[: cfg.eval.max_images]
+    ds = EvalDataset(records, num_classes(cfg))
+    thresholds = thresholds_from(cfg.eval.thresholds)
+    n = num_classes(cfg) + 1
+    sweep = np.zeros((len(thresholds), n, n), np.int64)
+    floor_bg = np.zeros((n, n), np.int64)
+    floor_whole = np.zeros((n, n), np.int64)
+    overlays = []
+    classifier.eval()
+    for i in range(rank, len(ds), world):
+        item = ds[i]
+        cams = infer_cams(classifier, item["image"].to(device), item["labels"].to(device), cfg.eval.scales,
+                          cfg.eval.flip).cpu().numpy()
+        conf = evaluate_image(cams, item["labels"].numpy(), item["mask"], thresholds)
+        sweep += conf["sweep"]
+        floor_bg += conf["floor_background"]
+        floor_whole += conf["floor_whole_image"]
+        if rank == 0 and len(overlays) < cfg.eval.overlays:
+            overlays.append({**{k: item[k] for k in ("id", "raw", "mask")}, "labels": item["labels"].numpy(),
+                             "cams": cams})
+    sweep, floor_bg, floor_whole = (reduce_sum_numpy(a) for a in (sweep, floor_bg, floor_whole))
+    per_t = [scores(c) for c in sweep]
+    best = int(np.argmax([s["miou"] for s in per_t]))
+    return {
+        "split": cfg.eval.split, "num_images": len(ds),
+        "cam_miou": per_t[best]["miou"], "precision": per_t[best]["precision"], "recall": per_t[best]["recall"],
+        "threshold": float(thresholds[best]), "per_class_iou": per_t[best]["iou"],
+        "sweep": {"thresholds": thresholds.tolist(), "miou": [s["miou"] for s in per_t],
+                  "precision": [s["precision"] for s in per_t], "recall": [s["recall"] for s in per_t]},
+        "floor_background_miou": scores(floor_bg)["miou"], "floor_whole_image_miou": scores(floor_whole)["miou"],
+    }, overlays

@@ -1,0 +1,1 @@
+"""The ACR method: equations, phases, schedules and optimisers. Knows nothing of Ray."""

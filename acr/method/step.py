@@ -1,0 +1,82 @@
+"""One ACR training iteration: RU phase (optimiser of G), then CU phase (optimiser of F), with poly LR and the
+non-finite-loss guard. `reduce_mean` averages a tensor over workers (identity on one worker), so every worker takes
+the same skip decision."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from acr.config import Config
+from acr.method.acr import Batch, cu_phase, ru_phase, sample_target
+from acr.method.optim import set_poly_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is kept."""
+
+
+@dataclass
+class StepCounters:
+    cls_steps: int = 0  # optimiser steps taken by F (a skipped step does not count, as in the released code)
+    rec_steps: int = 0
+    consecutive_nonfinite: int = 0
+    skipped_steps: int = 0
+
+
+def autocast_context(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, reduce_mean, counters: StepCounters,
+                  limit: int) -> tuple[float, bool]:
+    loss.backward()
+    value = reduce_mean(loss.detach().float())
+    ok = bool(torch.isfinite(value))
+    if ok:
+        optimizer.step()
+        counters.consecutive_nonfinite = 0
+    else:
+        counters.skipped_steps += 1
+        counters.consecutive_nonfinite += 1
+        if counters.consecutive_nonfinite > limit:
+            raise NonFiniteLossError(f"{counters.consecutive_nonfinite} consecutive non-finite losses (last "
+                                     f"{value.item()}); stopping. The last good checkpoint is kept.")
+    return float(value), ok
+
+
+def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: torch.optim.Optimizer,
+               opt_rec: torch.optim.Optimizer | None, batch: dict, cfg: Config, q: float, max_step: int,
+               counters: StepCounters, reduce_mean: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+               ) -> dict[str, float]:
+    labels = batch["labels"]
+    b = Batch(image=batch["image"], labels=labels, target=sample_target(labels, batch["target_u"]),
+              grid_u=batch["grid_u"])
+    out: dict[str, float] = {}
+    stats: dict[str, torch.Tensor] = {}
+    limit = cfg.train.max_consecutive_nonfinite
+    if cfg.method.reconstructor == "adversarial":
+        set_poly_lr(opt_rec, cfg.optim.lr, counters.rec_steps, max_step, cfg.optim.poly_power)
+        opt_rec.zero_grad(set_to_none=True)
+        with autocast_context(device, cfg.train.precision):
+            loss_ru, s = ru_phase(classifier, reconstructor, b, cfg.method, q)
+        stats.update(s)
+        out["ru/loss"], ok = _guarded_step(loss_ru, opt_rec, reduce_mean, counters, limit)
+        counters.rec_steps += ok
+    set_poly_lr(opt_cls, cfg.optim.lr, counters.cls_steps, max_step, cfg.optim.poly_power)
+    opt_cls.zero_grad(set_to_none=True)
+    with autocast_context(device, cfg.train.precision):
+        loss_cu, s = cu_phase(classifier, reconstructor, b, cfg.method)
+    stats.update(s)
+    out["cu/loss"], ok = _guarded_step(loss_cu, opt_cls, reduce_mean, counters, limit)
+    counters.cls_steps += ok
+    for k, v in stats.items():
+        out.setdefault(k, float(v))  # local values; the loop averages them over workers per epoch
+    return out

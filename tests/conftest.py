@@ -1,0 +1,44 @@
+"""Shared fixtures. Real data fixtures are read from ../shared/data (never copied into the repository); tests that
+need them skip with the reason when that folder is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ACR_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _need(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"real-data fixture {path} is absent (set ACR_SHARED_DATA to the folder holding voc_mini/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def voc_mini() -> Path:
+    return _need(SHARED_DATA / "voc_mini")
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    return _need(SHARED_DATA / "coco_mini")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A per-session cache so tests never touch the user's ~/.cache/acr."""
+    return tmp_path_factory.mktemp("acr-cache")
+
+
+TINY_OVERRIDES = [
+    # A tiny, fast, deterministic model for tests: resnet18 at 64 px, 6-level U-Net, no dropout.
+    "model.backbone=resnet18", "model.output_stride=16", "model.encoder_tap_channels=[8,8,16]",
+    "model.decoder_depth=6", "model.decoder_width=8", "model.dropout=false", "augment.crop_size=64",
+    "augment.resize_mode=scale", "augment.resize_range=[0.4,0.6]", "method.srf.grid_size=8",
+    "synthetic.image_size=128", "synthetic.train_images=32", "synthetic.val_images=8",
+    "eval.split=val", "eval.scales=[1.0]", "eval.overlays=2", "model.bn_calibration_images=8",
+]

@@ -1,0 +1,50 @@
+import pytest
+import torch
+from torch import nn
+
+from acr.config import OptimConfig, SRFConfig
+from acr.method.optim import build_optimizer, parameter_groups, set_poly_lr
+from acr.method.schedules import poly_factor, srf_probability
+
+
+def test_poly_factor_and_frozen_tail():
+    assert poly_factor(0, 100, 0.9) == 1.0
+    assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
+    assert poly_factor(1000, 100, 0.9) == poly_factor(99, 100, 0.9) == pytest.approx(0.01**0.9)
+
+
+def test_srf_probability_released_schedule_and_fixed():
+    released = SRFConfig(q_schedule="per_epoch", q_start=0.8, q_per_epoch=-0.01)
+    assert srf_probability(released, 0) == pytest.approx(0.8)
+    assert srf_probability(released, 39) == pytest.approx(0.41)
+    assert srf_probability(released, 80) == 0.0 and srf_probability(released, 99) == 0.0
+    assert srf_probability(SRFConfig(q_schedule="fixed", q_start=0.6), 30) == 0.6
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)  # weight 1x, bias 2x
+        self.deconv = nn.ConvTranspose2d(2, 1, 2, bias=False)  # 10x
+        self.bn = nn.BatchNorm2d(2)
+        self.bn.requires_grad_(False)  # frozen: in no group
+
+
+def test_layer_type_groups_and_momentum_bug_switch():
+    net = _Net()
+    groups = {g["name"]: g for g in parameter_groups(net, OptimConfig())}
+    assert set(groups) == {"conv_weight", "conv_bias", "deconv_weight"}
+    assert groups["conv_bias"]["lr_mult"] == 2.0 and groups["conv_bias"]["weight_decay"] == 0.0
+    assert groups["deconv_weight"]["lr_mult"] == 10.0 and groups["deconv_weight"]["weight_decay"] == 5e-4
+    bugged = build_optimizer(net, OptimConfig(momentum_equals_weight_decay=True))
+    assert bugged.defaults["momentum"] == 5e-4  # the released code's positional-argument bug
+    fixed = build_optimizer(net, OptimConfig())
+    assert fixed.defaults["momentum"] == 0.9
+    set_poly_lr(fixed, 0.01, 50, 100, 0.9)
+    lrs = {g["name"]: g["lr"] for g in fixed.param_groups}
+    assert lrs["deconv_weight"] == pytest.approx(0.1 * 0.5**0.9)
+    uniform = parameter_groups(net, OptimConfig(lr_multipliers="uniform"))
+    assert len(uniform) == 1 and len(uniform[0]["params"]) == 3
+    assert all(p.requires_grad for p in uniform[0]["params"])
+    assert not any(p is net.bn.weight for g in groups.values() for p in g["params"])
+    _ = torch  # noqa
