@@ -160,6 +160,8 @@ class TrainConfig:
     # Stop an epoch after this many steps (null = the whole epoch); for smoke tests and benchmarks.
     max_steps_per_epoch: int | None = None
     checkpoint_every_steps: int | None = None
+    # Progress line from rank 0 every this many steps (0 = only per epoch).
+    log_every_steps: int = 10
     keep_checkpoints: int = 2
     # Compute threads per worker (null = torch's default).
     threads_per_worker: int | None = None
@@ -263,6 +265,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -3,7 +3,7 @@
 It is built to pose the two problems ACR addresses, with ground truth to measure them:
 
 * **Partial activation.** Every object is a blob whose *body* has a colour drawn from a palette shared by all classes
-  (so the body says nothing about the class) and a coherent texture across the body. A small *part* (about a tenth of
+  (so the body says nothing about the class) and a coherent texture across the body. A small *part* (about a sixth of
   the body) carries a class-specific two-colour pattern. A plain classifier only needs the part, so its CAM covers a
   fraction of the object; the body's coherent colour is what a reconstructor can exploit.
 * **Context leakage.** Each class in `context_classes` has a typical background context (a textured band, like water
@@ -31,7 +31,7 @@ from PIL import Image, ImageFilter
 from acr.config import SyntheticConfig
 from acr.data.voc import voc_palette
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 SPLITS = ("train", "val")
 
 # Body colours shared by all classes (RGB, 0-255).
@@ -47,8 +47,8 @@ def _class_pattern_colors(num_classes: int) -> np.ndarray:
     out = np.zeros((num_classes, 2, 3), np.float32)
     for c in range(num_classes):
         for j in range(2):
-            h = ((c + 0.5 * j) / num_classes + 0.37 * j) % 1.0
-            out[c, j] = _hsv_to_rgb(h, 0.9, 0.95 if j == 0 else 0.35)
+            h = (c / num_classes + 0.5 * j) % 1.0
+            out[c, j] = _hsv_to_rgb(h, 1.0, 1.0 if j == 0 else 0.45)
     return out
 
 
@@ -130,15 +130,15 @@ def _render_image(rng: np.random.Generator, cfg: SyntheticConfig, pattern_colors
         tex = 0.5 + 0.5 * np.sin((np.cos(ang) * xx + np.sin(ang) * yy) * 2 * np.pi / rng.uniform(4, 7))
         body_rgb = col[None, None, :] * (0.8 + 0.2 * tex[..., None])
         img = np.where(body[..., None], body_rgb, img)
-        # Part: a small disc inside the body with the class's checker pattern.
-        part_r = radius * rng.uniform(0.3, 0.36)
+        # Part: a small disc inside the body in the class's two colours (outer ring, inner disc).
+        part_r = radius * rng.uniform(0.36, 0.42)
         ys, xs = np.nonzero(body)
-        dist_ok = (ys - cy) ** 2 + (xs - cx) ** 2 <= (radius - part_r) ** 2 * 0.8
-        j = rng.integers(dist_ok.sum()) if dist_ok.any() else rng.integers(len(ys))
-        py, px = (ys[dist_ok][j], xs[dist_ok][j]) if dist_ok.any() else (ys[j], xs[j])
-        part = ((yy - py) ** 2 + (xx - px) ** 2 <= part_r**2) & body
-        check = ((np.floor((yy - py) / 3) + np.floor((xx - px) / 3)) % 2).astype(bool)
-        part_rgb = np.where(check[..., None], pattern_colors[c, 0], pattern_colors[c, 1])
+        inside = (ys - cy) ** 2 + (xs - cx) ** 2 <= (radius - part_r) ** 2 * 0.8
+        j = int(rng.integers(inside.sum())) if inside.any() else int(rng.integers(len(ys)))
+        py, px = (ys[inside][j], xs[inside][j]) if inside.any() else (ys[j], xs[j])
+        d2 = (yy - py) ** 2 + (xx - px) ** 2
+        part = (d2 <= part_r**2) & body
+        part_rgb = np.where((d2 <= (0.55 * part_r) ** 2)[..., None], pattern_colors[c, 1], pattern_colors[c, 0])
         img = np.where(part[..., None], part_rgb, img)
         mask[body] = c + 1
         placed |= body

@@ -235,6 +235,10 @@ def run_worker(loop_config: dict, session) -> None:
                 sums[k] = sums.get(k, 0.0) + v
             n_steps += 1
             step += 1
+            if rank == 0 and cfg.train.log_every_steps and step % cfg.train.log_every_steps == 0:
+                print(f"epoch {epoch + 1}/{cfg.train.epochs} step {step}/{steps_per_epoch}: "
+                      + " ".join(f"{k} {out[k]:.4f}" for k in ("ru/loss", "cu/loss") if k in out)
+                      + f" ({n_steps * cfg.train.batch_size / max(t_steps, 1e-9):.2f} img/s)", flush=True)
             every = cfg.train.checkpoint_every_steps
             if every and step % every == 0 and step < steps_per_epoch:
                 report({"epoch": epoch, "step_in_epoch": step}, epoch, step)
@@ -245,6 +249,10 @@ def run_worker(loop_config: dict, session) -> None:
         epoch_stats = {"epoch": epoch, **dict(zip(keys, means)), "srf_q": q, "images_per_second": speed,
                        "skipped_steps": counters.skipped_steps}
         history["epochs"].append(epoch_stats)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.train.epochs} done: "
+                  + " ".join(f"{k} {v:.4f}" for k, v in epoch_stats.items() if "/" in k)
+                  + f" ({speed:.2f} img/s)", flush=True)
         if epoch + 1 < cfg.train.epochs or not cfg.eval.enabled:
             report(epoch_stats, epoch + 1, 0)
 
@@ -254,6 +262,8 @@ def run_worker(loop_config: dict, session) -> None:
         if start_epoch >= cfg.train.epochs:  # resumed after the end: nothing left to do
             report({"epoch": final_epoch}, final_epoch, 0)
         return
+    if rank == 0:
+        print(f"evaluating CAMs on split '{cfg.eval.split}'", flush=True)
     result, overlays = evaluate_split(unwrap(classifier), cfg, data_root, device, rank, world)
     last = history["epochs"][-1] if history["epochs"] else {}
 

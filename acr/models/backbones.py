@@ -192,7 +192,6 @@ def calibrate_batchnorm(module: nn.Module, batches) -> None:
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
-    was_training = module.training
     saved = [(m.momentum, m.training) for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -200,6 +199,6 @@ def calibrate_batchnorm(module: nn.Module, batches) -> None:
         m.train()
     for x in batches:
         module(x)
-    for m, (mom, _) in zip(bns, saved):
+    for m, (mom, training) in zip(bns, saved):
         m.momentum = mom
-    module.train(was_training)
+        m.train(training)

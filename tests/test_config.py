@@ -1,0 +1,54 @@
+import pytest
+
+from acr.config import ConfigError, load_config, to_dict
+from tests.conftest import REPO
+
+
+def test_presets_load():
+    demo = load_config(REPO / "configs/demo.yaml")
+    assert demo.data.format == "synthetic" and demo.model.backbone == "resnet18"
+    off = load_config(REPO / "configs/voc_official.yaml", ["data.root=/data/VOC2012"])
+    paper = load_config(REPO / "configs/voc_paper.yaml", ["data.root=/data/VOC2012"])
+    assert off.optim.momentum_equals_weight_decay and not paper.optim.momentum_equals_weight_decay
+    assert (off.method.decompose_at, paper.method.decompose_at) == ("image", "feature")
+    assert (off.method.ru_nontarget_weight, paper.method.ru_nontarget_weight) == (0.3, 0.5)
+    assert (off.train.epochs, off.optim.schedule_epochs) == (100, 40)
+
+
+def test_overrides_are_typed_yaml():
+    cfg = load_config(None, ["train.epochs=3", "eval.scales=[1.0, 2]", "model.pretrained=null", "optim.lr=1e-3",
+                             "scaling.num_workers=2", "train.batch_size=4"])
+    assert cfg.train.epochs == 3 and cfg.eval.scales == [1.0, 2.0] and cfg.model.pretrained is None
+    assert cfg.optim.lr == 0.001 and isinstance(cfg.eval.scales[1], float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "unknown config key 'train.epoch'"),
+    ("nosuch.key=1", "unknown config key 'nosuch'"),
+    ("train.epochs=abc", "train.epochs: expected an integer, got 'abc'"),
+    ("train.epochs=2.5", "train.epochs: expected an integer"),
+    ("model.backbone=resnet7", "model.backbone: 'resnet7' is not one of"),
+    ("model.freeze_bn=1", "model.freeze_bn: expected true or false"),
+    ("train.batch_size=7", "must divide evenly among scaling.num_workers=2"),
+    ("augment.crop_size=320", "multiple of 2\\*\\*model.decoder_depth=256"),
+    ("method.srf.grid_size=7", "method.srf.grid_size=7 must divide augment.crop_size=256"),
+    ("method.srf.q_start=1.5", "q_start must be in \\[0, 1\\]"),
+    ("train.epochs", "not of the form key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    extra = ["scaling.num_workers=2"] if "batch_size" in override else []
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, extra + [override])
+
+
+def test_unknown_key_in_yaml_file_names_file_and_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 2\n  warmup: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.warmup' \(from .*c.yaml\)"):
+        load_config(f)
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["train.epochs=5"])
+    from acr.config import config_from_dict
+    assert config_from_dict(to_dict(cfg)) == cfg

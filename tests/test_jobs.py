@@ -1,0 +1,75 @@
+"""The entry script as users run it: in a subprocess that starts its own Ray, and through `ray job submit` to a
+local head that the test starts and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_script_on_real_voc(voc_mini, cache_dir, tmp_path):
+    """Acceptance: `python ray_jobs/train.py data.format=voc data.root=../shared/data/voc_mini train.epochs=1` runs
+    end to end on real VOC images (it cannot learn from 12 images; it must run and evaluate)."""
+    out = tmp_path / "voc"
+    cmd = [sys.executable, "ray_jobs/train.py", "--output-dir", str(out), "data.format=voc", f"data.root={voc_mini}",
+           "train.epochs=1", f"data.cache_dir={cache_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == str(out.resolve() / "summary.json")
+    summary = json.loads(Path(last).read_text())
+    assert summary["num_images"] == 3 and summary["train_images"] == 9
+    assert 0 <= summary["cam_miou"] <= 1 and 0 < summary["floor_background_miou"] < 1
+    assert (out / "cam_overlays.png").is_file()
+
+
+def test_bad_config_key_exits_with_its_name(tmp_path):
+    proc = subprocess.run([sys.executable, "ray_jobs/train.py", "--output-dir", str(tmp_path), "train.epoch=1"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=_env())
+    assert proc.returncode == 2 and "unknown config key 'train.epoch'" in proc.stderr
+
+
+def test_ray_job_submit_to_local_head(cache_dir, tmp_path):
+    port, dash = _free_port(), _free_port()
+    # Token auth is on whenever ~/.ray/auth_token exists; asking for it explicitly works either way.
+    env = _env(RAY_AUTH_MODE="token")
+    start = ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
+             "--include-dashboard=true", "--disable-usage-stats"]
+    subprocess.run(start, check=True, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    try:
+        out = tmp_path / "job-run"
+        submit = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
+                  "python", "ray_jobs/train.py", "--output-dir", str(out), "train.epochs=1",
+                  "train.max_steps_per_epoch=1", "synthetic.train_images=16", "synthetic.val_images=4",
+                  "eval.scales=[1.0]", f"data.cache_dir={cache_dir}"]
+        proc = subprocess.run(submit, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+        assert "succeeded" in proc.stdout
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["epochs"] == 1 and 0 <= summary["cam_miou"] <= 1
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120, env=env)

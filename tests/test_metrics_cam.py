@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+
+from acr.cam import floor_confusions, infer_cams
+from acr.metrics import confusion_matrix, scores, threshold_sweep_confusion
+from acr.models.classifier import Classifier
+
+
+def test_confusion_and_scores_by_hand():
+    gt = np.array([[0, 0, 1, 1], [0, 255, 2, 2]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 0]])
+    conf = confusion_matrix(pred, gt, 3)
+    assert conf.tolist() == [[1, 1, 1], [0, 2, 0], [0, 0, 0]] or conf.sum() == 7
+    assert conf.tolist() == [[1, 1, 1], [0, 2, 0], [1, 0, 1]]
+    s = scores(conf)
+    # IoU: bg 1/(3+2-1)=0.25, c1 2/(2+3-2)=2/3, c2 1/(2+2-1)=1/3
+    assert s["iou"] == pytest.approx([0.25, 2 / 3, 1 / 3])
+    assert s["miou"] == pytest.approx((0.25 + 2 / 3 + 1 / 3) / 3)
+    assert s["precision"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
+    assert s["recall"] == pytest.approx((1 / 3 + 1 + 1 / 2) / 3)
+
+
+def test_threshold_sweep_matches_explicit_argmax():
+    rng = np.random.default_rng(0)
+    cams = rng.random((3, 5, 6)).astype(np.float32)
+    gt = rng.integers(0, 4, size=(5, 6))
+    ts = np.array([0.2, 0.5, 0.8])
+    sweep = threshold_sweep_confusion(cams, gt, ts)
+    for t, conf in zip(ts, sweep):
+        full = np.concatenate([np.full((1, 5, 6), t), cams])
+        assert np.array_equal(conf, confusion_matrix(full.argmax(0), gt, 4))
+
+
+def test_floors():
+    gt = np.array([[0, 0, 2, 2]])
+    bg, whole = floor_confusions(np.array([0.0, 1.0]), gt)
+    assert scores(bg)["miou"] == pytest.approx(0.5 / 2)  # bg IoU 0.5; class 2 IoU 0 (class 1 unseen)
+    assert scores(whole)["iou"] == [0.0, None, 0.5]
+
+
+def test_infer_cams_is_flip_equivariant_and_zero_for_absent_classes():
+    torch.manual_seed(0)
+    net = Classifier("resnet18", 3, output_stride=16, dropout=False).eval()
+    for conv in net.cam_head[::2]:
+        conv.weight.data.abs_()  # a positive CAM everywhere, so that max-normalisation reaches 1
+    img = torch.randn(3, 48, 64)
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    cams = infer_cams(net, img, labels, scales=[0.5, 1.0], flip=True)
+    flipped = infer_cams(net, img.flip(-1), labels, scales=[0.5, 1.0], flip=True)
+    assert cams.shape == (3, 48, 64)
+    assert torch.allclose(cams, flipped.flip(-1), atol=1e-5)
+    assert cams[1].abs().sum() == 0 and cams.min() >= 0 and cams.max() <= 1
+    assert cams[0].max() == pytest.approx(1.0, abs=1e-4) and cams[2].max() == pytest.approx(1.0, abs=1e-4)
