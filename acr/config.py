@@ -165,8 +165,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Compute threads per worker (null = torch's default).
     threads_per_worker: int | None = None
-    # `auto`: bf16 autocast on CUDA, fp32 on the CPU. `bf16`: autocast to bfloat16 on any device.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # `auto`: bf16 autocast on CUDA, fp32 on the CPU. `bf16`: autocast to bfloat16 on any device. `fp64`: everything
+    # in float64, for numerical checks (max-normalised CAMs with a tiny range amplify float32 rounding noise).
+    precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
     # A non-finite loss skips that optimiser step (released code); after this many in a row the run stops with an
     # error, keeping the last good checkpoint.
     max_consecutive_nonfinite: int = 10

@@ -53,6 +53,19 @@ def reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def replica_divergence(*models: torch.nn.Module | None) -> float:
+    """Largest difference between the workers' copies of the parameters (0.0 when DDP keeps them in sync), from
+    one float64 fingerprint per model and worker."""
+    models = [unwrap(m) for m in models if m is not None]
+    local = torch.stack([sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(m.parameters()))
+                         for m in models]).cpu()
+    if not _distributed():
+        return 0.0
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return float(max((g - gathered[0]).abs().max() for g in gathered))
+
+
 def reduce_sum_numpy(a: np.ndarray) -> np.ndarray:
     if not _distributed():
         return a
@@ -131,7 +144,7 @@ def run_worker(loop_config: dict, session) -> None:
     rank, world, device = session.rank, session.world, session.device
     threads = cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
-    torch.manual_seed(cfg.train.seed * 1000 + rank)  # only dropout draws from torch's RNG
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker, whatever their number
 
     # [1] data and networks
     records = load_split(cfg, cfg.data.train_split, root=data_root)
@@ -149,6 +162,7 @@ def run_worker(loop_config: dict, session) -> None:
     classifier = build_classifier(cfg)
     mode = cfg.method.reconstructor
     reconstructor = build_reconstructor(cfg) if mode == "adversarial" else None
+    torch.manual_seed(cfg.train.seed * 1000 + rank)  # from here on only dropout draws from torch's RNG
     start_epoch, start_step, counters, history = 0, 0, StepCounters(), {"epochs": [], "steps": []}
     opt_cls = build_optimizer(classifier, cfg.optim)
     opt_rec = build_optimizer(reconstructor, cfg.optim) if reconstructor is not None else None
@@ -176,6 +190,11 @@ def run_worker(loop_config: dict, session) -> None:
             if net is not None:
                 net.to(device)
                 calibrate_batchnorm(net.backbone, calib)
+
+    dtype = torch.float64 if cfg.train.precision == "fp64" else torch.float32
+    for net in (classifier, reconstructor):
+        if net is not None:
+            net.to(dtype)
 
     # [2] DDP
     classifier = session.prepare(classifier)
@@ -225,7 +244,8 @@ def run_worker(loop_config: dict, session) -> None:
         step = start_step
         for batch in loader:
             t0 = time.perf_counter()
-            batch = {k: batch[k].to(device, non_blocking=True) for k in collate_keys}
+            batch = {k: batch[k].to(device, dtype=dtype if batch[k].is_floating_point() else None,
+                                    non_blocking=True) for k in collate_keys}
             out = train_step(classifier, reconstructor, opt_cls, opt_rec, batch, cfg, q, max_step, counters,
                              reduce_mean, device)
             t_steps += time.perf_counter() - t0
@@ -247,7 +267,10 @@ def run_worker(loop_config: dict, session) -> None:
         means = reduce_mean(torch.tensor([sums[k] / max(n_steps, 1) for k in keys], dtype=torch.float64)).tolist()
         speed = float(reduce_mean(torch.tensor(n_steps * cfg.train.batch_size / world / max(t_steps, 1e-9))) * world)
         epoch_stats = {"epoch": epoch, **dict(zip(keys, means)), "srf_q": q, "images_per_second": speed,
-                       "skipped_steps": counters.skipped_steps}
+                       "skipped_steps": counters.skipped_steps,
+                       "replica_divergence": replica_divergence(classifier, reconstructor)}
+        if mode == "adversarial":  # after the epoch's last CU step G holds no gradients
+            epoch_stats["reconstructor_grads_after_cu"] = sum(p.grad is not None for p in reconstructor.parameters())
         history["epochs"].append(epoch_stats)
         if rank == 0:
             print(f"epoch {epoch + 1}/{cfg.train.epochs} done: "
@@ -293,8 +316,9 @@ def evaluate_split(classifier: torch.nn.Module, cfg: Config, data_root: Path, de
     classifier.eval()
     for i in range(rank, len(ds), world):
         item = ds[i]
-        cams = infer_cams(classifier, item["image"].to(device), item["labels"].to(device), cfg.eval.scales,
-                          cfg.eval.flip).cpu().numpy()
+        dtype = next(classifier.parameters()).dtype
+        cams = infer_cams(classifier, item["image"].to(device, dtype), item["labels"].to(device, dtype),
+                          cfg.eval.scales, cfg.eval.flip).float().cpu().numpy()
         conf = evaluate_image(cams, item["labels"].numpy(), item["mask"], thresholds)
         sweep += conf["sweep"]
         floor_bg += conf["floor_background"]

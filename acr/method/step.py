@@ -69,6 +69,7 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
             loss_ru, s = ru_phase(classifier, reconstructor, b, cfg.method, q)
         stats.update(s)
         out["ru/loss"], ok = _guarded_step(loss_ru, opt_rec, reduce_mean, counters, limit)
+        opt_rec.zero_grad(set_to_none=True)  # G's gradients are not needed (nor kept in memory) during CU
         counters.rec_steps += ok
     set_poly_lr(opt_cls, cfg.optim.lr, counters.cls_steps, max_step, cfg.optim.poly_power)
     opt_cls.zero_grad(set_to_none=True)
@@ -76,6 +77,7 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
         loss_cu, s = cu_phase(classifier, reconstructor, b, cfg.method)
     stats.update(s)
     out["cu/loss"], ok = _guarded_step(loss_cu, opt_cls, reduce_mean, counters, limit)
+    opt_cls.zero_grad(set_to_none=True)
     counters.cls_steps += ok
     for k, v in stats.items():
         out.setdefault(k, float(v))  # local values; the loop averages them over workers per epoch
