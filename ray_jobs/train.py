@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from acr.cli import fail, parse_job_args  # noqa: E402
 from acr.data.voc import DataError  # noqa: E402
+from acr.method.step import NonFiniteLossError  # noqa: E402
 from acr.models.weights import WeightsError  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -24,7 +25,7 @@ def main(argv=None) -> None:
 
     try:
         summary = run_training(cfg, output_dir)
-    except (DataError, WeightsError, ValueError) as exc:
+    except (DataError, WeightsError, NonFiniteLossError, ValueError) as exc:
         fail(exc)
     if "cam_miou" in summary:
         print(f"CAM mIoU {summary['cam_miou']:.4f} (precision {summary['precision']:.4f}, recall "

@@ -314,7 +314,11 @@ def evaluate_split(classifier: torch.nn.Module, cfg: Config, data_root: Path, de
     floor_whole = np.zeros((n, n), np.int64)
     overlays = []
     classifier.eval()
-    for i in range(rank, len(ds), world):
+    mine = range(rank, len(ds), world)
+    every = max(1, len(mine) // 10)
+    for j, i in enumerate(mine):
+        if rank == 0 and j % every == 0 and j:
+            print(f"  CAMs: {j}/{len(mine)} images (rank 0 of {world})", flush=True)
         item = ds[i]
         dtype = next(classifier.parameters()).dtype
         cams = infer_cams(classifier, item["image"].to(device, dtype), item["labels"].to(device, dtype),

@@ -19,7 +19,8 @@ from acr.distributed.train_loop import EVAL_FILE, HISTORY_FILE, OVERLAYS_FILE, t
 from acr.viz import save_curves
 
 # Ray Train V2 polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and each report() waits for a poll.
-_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Its print patch would log every progress line of the workers twice (once as stdout, once through logging).
+_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def _quiet_placement_group_cleaner() -> None:
@@ -61,6 +62,16 @@ def build_trainer(cfg: Config, output_dir: Path, data_root: Path) -> TorchTraine
     )
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The exception a worker raised (e.g. a DataError naming the corrupt file), unwrapped from Ray Train's
+    WorkerGroupError / RayTaskError, so that the user sees one clear message instead of a remote traceback."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        error = failures[min(failures)]
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
 def run_training(cfg: Config, output_dir: str | Path) -> dict:
     """Train (or resume) in `output_dir`, evaluate, and write `output_dir/summary.json`; returns the summary."""
     output_dir = Path(output_dir).resolve()
@@ -74,7 +85,7 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict:
     init_ray(cfg)
     result = build_trainer(cfg, output_dir, root).fit()
     if result.error is not None:
-        raise result.error
+        raise root_cause(result.error) from result.error
     summary = {"epochs": cfg.train.epochs, "train_images": n_train, "dataset_root": str(root),
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     metrics = result.metrics or {}

@@ -1,0 +1,56 @@
+"""The training loop in-process (LocalSession, no Ray): ablation modes and failure handling."""
+
+import json
+
+import pytest
+import torch
+
+from acr.checkpoint import load_classifier, load_state
+from acr.config import load_config, to_dict
+from acr.data.sources import dataset_root
+from acr.distributed.train_loop import LocalSession, run_worker
+from acr.method.step import NonFiniteLossError
+from tests.conftest import TINY_OVERRIDES
+
+
+def _run(tmp_path, cache_dir, name, extra):
+    cfg = load_config(None, TINY_OVERRIDES + [f"data.cache_dir={cache_dir}", "train.log_every_steps=0",
+                                              "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
+                                              "train.threads_per_worker=2"] + extra)
+    session = LocalSession(tmp_path / name)
+    run_worker({"config": to_dict(cfg), "data_root": str(dataset_root(cfg))}, session)
+    return session
+
+
+def test_baseline_pretrained_and_adversarial_modes(tmp_path, cache_dir):
+    base = _run(tmp_path, cache_dir, "base", ["method.reconstructor=none", "eval.enabled=false"])
+    state = load_state(base.last_checkpoint)
+    assert state["reconstructor"] is None and state["counters"]["rec_steps"] == 0  # no reconstructor was built
+    adv = _run(tmp_path, cache_dir, "adv", ["eval.enabled=false"])
+    adv_state = load_state(adv.last_checkpoint)
+    assert adv_state["counters"] == {"cls_steps": 2, "rec_steps": 2, "consecutive_nonfinite": 0, "skipped_steps": 0}
+    # pretrained: a frozen reconstructor from the adversarial run; only the classifier trains (CU terms active)
+    pre = _run(tmp_path, cache_dir, "pre", ["method.reconstructor=pretrained", "eval.enabled=false",
+                                            f"method.pretrained_reconstructor={adv.last_checkpoint}"])
+    hist = json.loads((pre.last_checkpoint / "history.json").read_text())
+    assert all(s["ru/loss"] is None for s in hist["steps"])
+    assert pre.reports[-1]["cu/loss_t"] < 0
+    model, cfg = load_classifier(pre.last_checkpoint)
+    assert cfg.method.reconstructor == "pretrained" and isinstance(model, torch.nn.Module)
+
+
+def test_eval_reports_fractions_and_beats_nothing_by_construction(tmp_path, cache_dir):
+    s = _run(tmp_path, cache_dir, "ev", [])
+    final = s.reports[-1]
+    for k in ("cam_miou", "precision", "recall"):
+        assert 0.0 <= final[k] <= 1.0
+    result = json.loads((s.last_checkpoint / "eval.json").read_text())
+    assert len(result["sweep"]["miou"]) == len(result["sweep"]["thresholds"]) and result["num_images"] == 8
+    assert result["cam_miou"] == max(result["sweep"]["miou"])
+    assert (s.last_checkpoint / "cam_overlays.png").stat().st_size > 1000
+
+
+def test_diverging_loss_stops_with_a_clear_error(tmp_path, cache_dir):
+    with pytest.raises(NonFiniteLossError, match="consecutive non-finite losses"):
+        _run(tmp_path, cache_dir, "nan", ["optim.lr=1e30", "train.max_consecutive_nonfinite=0",
+                                          "train.max_steps_per_epoch=4", "eval.enabled=false"])
