@@ -52,3 +52,10 @@ def test_round_trip_through_dict():
     cfg = load_config(None, ["train.epochs=5"])
     from acr.config import config_from_dict
     assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_reference_yaml_lists_every_key_with_its_default():
+    import yaml
+
+    from acr.config import Config
+    assert yaml.safe_load((REPO / "configs/reference.yaml").read_text()) == to_dict(Config())
