@@ -110,6 +110,11 @@ class MethodConfig:
     # (paper Table 1). `none`: classification only (the baseline).
     reconstructor: Literal["adversarial", "pretrained", "none"] = "adversarial"
     pretrained_reconstructor: str | None = None
+    # Start the classifier from this checkpoint's classifier (e.g. a baseline run) instead of ImageNet weights.
+    init_classifier: str | None = None
+    # false: skip the CU phase, i.e. train only the reconstructor against the frozen classifier (paper Sec. 5.3,
+    # the first half of the "pre-trained" ablation).
+    train_classifier: bool = True
     # `image`: A_t and X are upsampled to the crop and multiplied there (released code);
     # `feature`: Eq. 3 at the feature resolution h x w, the masked features are upsampled for the decoder (paper).
     decompose_at: Literal["image", "feature"] = "image"
@@ -413,6 +418,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= srf.q_start <= 1.0, f"method.srf.q_start must be in [0, 1], got {srf.q_start}")
     need(cfg.method.reconstructor != "pretrained" or cfg.method.pretrained_reconstructor,
          "method.reconstructor=pretrained needs method.pretrained_reconstructor (a checkpoint path)")
+    need(cfg.method.train_classifier or cfg.method.reconstructor == "adversarial",
+         "method.train_classifier=false trains only the reconstructor: it needs method.reconstructor=adversarial")
     t = cfg.eval.thresholds
     need(len(t) == 3 and t[2] > 0 and t[0] <= t[1],
          f"eval.thresholds must be [start, stop, step] with step > 0, got {t}")

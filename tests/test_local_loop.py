@@ -29,9 +29,15 @@ def test_baseline_pretrained_and_adversarial_modes(tmp_path, cache_dir):
     adv = _run(tmp_path, cache_dir, "adv", ["eval.enabled=false"])
     adv_state = load_state(adv.last_checkpoint)
     assert adv_state["counters"] == {"cls_steps": 2, "rec_steps": 2, "consecutive_nonfinite": 0, "skipped_steps": 0}
-    # pretrained: a frozen reconstructor from the adversarial run; only the classifier trains (CU terms active)
+    # paper Sec. 5.3: (1) train the reconstructor against the frozen baseline classifier ...
+    ru = _run(tmp_path, cache_dir, "ru", ["eval.enabled=false", f"method.init_classifier={base.last_checkpoint}",
+                                          "method.train_classifier=false"])
+    ru_state = load_state(ru.last_checkpoint)
+    assert ru_state["counters"]["cls_steps"] == 0 and ru_state["counters"]["rec_steps"] == 2
+    assert all(torch.equal(v, state["classifier"][k]) for k, v in ru_state["classifier"].items())
+    # (2) ... then a new classifier against that reconstructor, frozen (CU terms active, no RU phase)
     pre = _run(tmp_path, cache_dir, "pre", ["method.reconstructor=pretrained", "eval.enabled=false",
-                                            f"method.pretrained_reconstructor={adv.last_checkpoint}"])
+                                            f"method.pretrained_reconstructor={ru.last_checkpoint}"])
     hist = json.loads((pre.last_checkpoint / "history.json").read_text())
     assert all(s["ru/loss"] is None for s in hist["steps"])
     assert pre.reports[-1]["cu/loss_t"] < 0

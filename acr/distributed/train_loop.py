@@ -66,6 +66,16 @@ def replica_divergence(*models: torch.nn.Module | None) -> float:
     return float(max((g - gathered[0]).abs().max() for g in gathered))
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (the largest over workers), in MiB."""
+    import resource
+
+    t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def reduce_sum_numpy(a: np.ndarray) -> np.ndarray:
     if not _distributed():
         return a
@@ -163,8 +173,13 @@ def run_worker(loop_config: dict, session) -> None:
     mode = cfg.method.reconstructor
     reconstructor = build_reconstructor(cfg) if mode == "adversarial" else None
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # from here on only dropout draws from torch's RNG
+    if cfg.method.init_classifier:
+        init = load_state(cfg.method.init_classifier)
+        classifier.load_state_dict(init["classifier"])
+    if not cfg.method.train_classifier:
+        classifier.requires_grad_(False)
     start_epoch, start_step, counters, history = 0, 0, StepCounters(), {"epochs": [], "steps": []}
-    opt_cls = build_optimizer(classifier, cfg.optim)
+    opt_cls = build_optimizer(classifier, cfg.optim) if cfg.method.train_classifier else None
     opt_rec = build_optimizer(reconstructor, cfg.optim) if reconstructor is not None else None
 
     checkpoint = session.get_checkpoint()
@@ -174,7 +189,8 @@ def run_worker(loop_config: dict, session) -> None:
             hist_file = Path(d) / HISTORY_FILE
             history = json.loads(hist_file.read_text()) if hist_file.is_file() else history
         classifier.load_state_dict(state["classifier"])
-        opt_cls.load_state_dict(state["opt_cls"])
+        if opt_cls is not None:
+            opt_cls.load_state_dict(state["opt_cls"])
         if reconstructor is not None:
             reconstructor.load_state_dict(state["reconstructor"])
             opt_rec.load_state_dict(state["opt_rec"])
@@ -186,7 +202,7 @@ def run_worker(loop_config: dict, session) -> None:
         # Random init: estimate the frozen BatchNorm statistics from the same training images on every worker.
         calib = [torch.stack([dataset[(CALIBRATION_EPOCH, i)]["image"] for i in range(j, min(j + 8, len(dataset)))]).to(device)
                  for j in range(0, min(cfg.model.bn_calibration_images, len(dataset)), 8)]
-        for net in (classifier, reconstructor):
+        for net in (None if cfg.method.init_classifier else classifier, reconstructor):
             if net is not None:
                 net.to(device)
                 calibrate_batchnorm(net.backbone, calib)
@@ -197,7 +213,8 @@ def run_worker(loop_config: dict, session) -> None:
             net.to(dtype)
 
     # [2] DDP
-    classifier = session.prepare(classifier)
+    # A frozen classifier (reconstructor pre-training) has nothing for DDP to synchronise.
+    classifier = session.prepare(classifier) if opt_cls is not None else classifier.to(device)
     if reconstructor is not None:
         reconstructor = session.prepare(reconstructor)
     elif mode == "pretrained":
@@ -215,7 +232,8 @@ def run_worker(loop_config: dict, session) -> None:
         return {
             "config": to_dict(cfg), "epoch": epoch, "step_in_epoch": step_in_epoch,
             "counters": counters.__dict__.copy(), "torch_rng": rngs,
-            "classifier": unwrap(classifier).state_dict(), "opt_cls": opt_cls.state_dict(),
+            "classifier": unwrap(classifier).state_dict(),
+            "opt_cls": opt_cls.state_dict() if opt_cls is not None else None,
             "reconstructor": unwrap(reconstructor).state_dict() if opt_rec is not None else None,
             "opt_rec": opt_rec.state_dict() if opt_rec is not None else None,
         }
@@ -242,15 +260,18 @@ def run_worker(loop_config: dict, session) -> None:
         sums: dict[str, float] = {}
         n_steps, t_steps = 0, 0.0
         step = start_step
+        t_prev = time.perf_counter()
         for batch in loader:
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # t0 - t_prev: waiting for data
             batch = {k: batch[k].to(device, dtype=dtype if batch[k].is_floating_point() else None,
                                     non_blocking=True) for k in collate_keys}
             out = train_step(classifier, reconstructor, opt_cls, opt_rec, batch, cfg, q, max_step, counters,
                              reduce_mean, device)
-            t_steps += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            t_steps += t1 - t_prev
             history["steps"].append({"epoch": epoch, "step": step, "ru/loss": out.get("ru/loss"),
-                                     "cu/loss": out["cu/loss"]})
+                                     "cu/loss": out.get("cu/loss"), "seconds": t1 - t_prev,
+                                     "data_seconds": t0 - t_prev})
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_steps += 1
@@ -262,12 +283,13 @@ def run_worker(loop_config: dict, session) -> None:
             every = cfg.train.checkpoint_every_steps
             if every and step % every == 0 and step < steps_per_epoch:
                 report({"epoch": epoch, "step_in_epoch": step}, epoch, step)
+            t_prev = time.perf_counter()
         start_step = 0
         keys = sorted(sums)
         means = reduce_mean(torch.tensor([sums[k] / max(n_steps, 1) for k in keys], dtype=torch.float64)).tolist()
         speed = float(reduce_mean(torch.tensor(n_steps * cfg.train.batch_size / world / max(t_steps, 1e-9))) * world)
         epoch_stats = {"epoch": epoch, **dict(zip(keys, means)), "srf_q": q, "images_per_second": speed,
-                       "skipped_steps": counters.skipped_steps,
+                       "skipped_steps": counters.skipped_steps, "peak_rss_mb": peak_rss_mb(),
                        "replica_divergence": replica_divergence(classifier, reconstructor)}
         if mode == "adversarial":  # after the epoch's last CU step G holds no gradients
             epoch_stats["reconstructor_grads_after_cu"] = sum(p.grad is not None for p in reconstructor.parameters())

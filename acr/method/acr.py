@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from acr.config import MethodConfig
 
@@ -193,7 +194,7 @@ def ru_phase(classifier: nn.Module, reconstructor: nn.Module, batch: Batch, cfg:
     unwrap(reconstructor).requires_grad_(True)
     reconstructor.train()  # re-freezes BatchNorm (no gradients) where configured
     image, size = batch.image, batch.image.shape[-2:]
-    with torch.no_grad():
+    with torch.no_grad(), record_function("ru/classifier_forward"):
         cam, _ = cls(image)
         a_t = target_cam(normalize_cam(cam), batch.labels, batch.target)  # (B,1,h,w), constant
     a_img = _upsample(a_t, size)
@@ -212,7 +213,8 @@ def ru_phase(classifier: nn.Module, reconstructor: nn.Module, batch: Batch, cfg:
         parts = ([x.detach()] if use_ae else []) + [x_t_ru, x_nt_ru]
         return torch.cat(parts)
 
-    logits_e, _, recon = reconstructor(image, compose)
+    with record_function("ru/reconstructor_forward"):
+        logits_e, _, recon = reconstructor(image, compose)
     recons = recon.chunk(3 if use_ae else 2)
     recon_t, recon_nt = recons[-2], recons[-1]
     target = reconstruction_target(image, cfg.reconstruction_target)
@@ -245,7 +247,8 @@ def cu_phase(classifier: nn.Module, reconstructor: nn.Module | None, batch: Batc
     With `reconstructor=None` (the baseline) this is plain classification."""
     classifier.train()
     image, size = batch.image, batch.image.shape[-2:]
-    cam, logits = classifier(image)
+    with record_function("cu/classifier_forward"):
+        cam, logits = classifier(image)
     loss_cls = classification_loss(logits, batch.labels)
     stats = {"cu/loss_cls": loss_cls.detach()}
     terms = [(cfg.cu_target_weight, "t"), (cfg.cu_nontarget_weight, "nt")]
@@ -257,7 +260,7 @@ def cu_phase(classifier: nn.Module, reconstructor: nn.Module | None, batch: Batc
     rec = unwrap(reconstructor)
     rec.eval()
     rec.requires_grad_(False)
-    with torch.no_grad():
+    with torch.no_grad(), record_function("cu/encoder_forward"):
         _, x = rec.encode(image)
     a_t = target_cam(normalize_cam(cam), batch.labels, batch.target)  # with gradient
     a_img = _upsample(a_t, size)
@@ -266,7 +269,8 @@ def cu_phase(classifier: nn.Module, reconstructor: nn.Module | None, batch: Batc
     else:
         x_t, x_nt = decompose(x, _upsample(a_t, x.shape[-2:]))
     inputs = {"t": x_t, "nt": x_nt}
-    recon = dict(zip(active, rec.decode(torch.cat([inputs[n] for n in active]), size).chunk(len(active))))
+    with record_function("cu/decoder_forward"):
+        recon = dict(zip(active, rec.decode(torch.cat([inputs[n] for n in active]), size).chunk(len(active))))
     target = reconstruction_target(image, cfg.reconstruction_target)
     v_t, v_nt = cu_validation_masks(a_img, _upsample(cam, size) if cfg.cu_nontarget_mask == "cam_where_top" else cam,
                                     batch.target, cfg.cu_target_mask, cfg.cu_nontarget_mask)

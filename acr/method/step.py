@@ -71,6 +71,10 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
         out["ru/loss"], ok = _guarded_step(loss_ru, opt_rec, reduce_mean, counters, limit)
         opt_rec.zero_grad(set_to_none=True)  # G's gradients are not needed (nor kept in memory) during CU
         counters.rec_steps += ok
+    if not cfg.method.train_classifier:  # reconstructor pre-training against a frozen classifier
+        for k, v in stats.items():
+            out.setdefault(k, float(v))
+        return out
     set_poly_lr(opt_cls, cfg.optim.lr, counters.cls_steps, max_step, cfg.optim.poly_power)
     opt_cls.zero_grad(set_to_none=True)
     with autocast_context(device, cfg.train.precision):

@@ -1,0 +1,1 @@
+"""Refinement of CAMs into labels: dense CRF (and, later, IRN)."""

@@ -1,0 +1,303 @@
+"""Throughput of one ACR iteration (RU + CU) and of the inference stages, printed as a table and written to
+benchmarks/results/throughput.json (and the throughput section of BENCHMARKS.md).
+
+    python benchmarks/throughput.py                 # demo size: plain loop vs TorchTrainer 1 and 2 workers, CAM, CRF
+    python benchmarks/throughput.py --official      # also the released code's workload (resnet38d, batch 2, 256 px)
+
+Every variant uses the same number of compute threads in total (--threads, split evenly among workers); Ray runs
+without its dashboard. Steady state = the median wall time per step (data loading included) over the steps after
+--warmup; the rest of each run (Ray start, worker group, BN calibration, teardown) is reported as overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from acr.config import Config, load_config, num_classes, to_dict  # noqa: E402
+from acr.data.sources import dataset_root  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+# The released code on this machine (issue 3): 33.5 s per RU+CU step of batch 2, median of 3, 2026-11-25.
+RELEASED_SECONDS_PER_STEP = 33.5
+RELEASED_GFLOP_PER_IMAGE = 2511.0
+MATMUL_GFLOPS_FP32 = 191.0  # 4096^3 fp32 matmul, 2 threads, this machine (shared/spec/environment.md)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": torch.get_num_threads() and __import__("os").cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def steady_state(history: dict, batch: int, warmup: int) -> dict:
+    steps = history["steps"][warmup:]
+    secs = np.array([s["seconds"] for s in steps])
+    data = np.array([s["data_seconds"] for s in steps])
+    # The median step: robust to the CPU time Ray's helper actors take while they start next to the first steps.
+    return {"images_per_second": batch / float(np.median(secs)), "seconds_per_step_median": float(np.median(secs)),
+            "images_per_second_mean": batch * len(secs) / secs.sum(),
+            "data_wait_share": float(data.sum() / secs.sum()), "steps_measured": len(secs)}
+
+
+def run_plain(cfg: Config, threads: int, warmup: int) -> dict:
+    """The training loop in this process, without Ray."""
+    from acr.distributed.train_loop import LocalSession, run_worker
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        session = LocalSession(Path(tmp))
+        t = time.perf_counter()
+        run_worker({"config": to_dict(cfg), "data_root": str(dataset_root(cfg))}, session)
+        wall = time.perf_counter() - t
+        history = json.loads((session.last_checkpoint / "history.json").read_text())
+    out = steady_state(history, cfg.train.batch_size, warmup)
+    out["overhead_seconds"] = wall - sum(s["seconds"] for s in history["steps"])
+    out["peak_rss_mb"] = history["epochs"][-1]["peak_rss_mb"]
+    return out
+
+
+def run_trainer(cfg: Config, workers: int, threads: int, warmup: int) -> dict:
+    import ray
+
+    from acr.distributed.trainer import build_trainer, init_ray
+
+    cfg.scaling.num_workers = workers
+    cfg.scaling.cpus_per_worker = threads // workers
+    cfg.train.threads_per_worker = threads // workers
+    init_ray(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        result = build_trainer(cfg, Path(tmp) / "run", dataset_root(cfg)).fit()
+        wall = time.perf_counter() - t
+        if result.error:
+            raise result.error
+        with result.checkpoint.as_directory() as d:
+            history = json.loads((Path(d) / "history.json").read_text())
+    ray.shutdown()
+    out = steady_state(history, cfg.train.batch_size, warmup)
+    out["overhead_seconds"] = wall - sum(s["seconds"] for s in history["steps"])
+    out["peak_rss_mb"] = history["epochs"][-1]["peak_rss_mb"]
+    return out
+
+
+def _tiny_batch(cfg: Config, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    c = num_classes(cfg)
+    labels = torch.zeros(batch, c)
+    labels[torch.arange(batch), torch.randint(c, (batch,), generator=g)] = 1
+    s = cfg.augment.crop_size
+    return {"image": torch.randn(batch, 3, s, s, generator=g), "labels": labels,
+            "target_u": torch.rand(batch, generator=g), "grid_u": torch.rand(batch, cfg.method.srf.grid_size,
+                                                                             cfg.method.srf.grid_size, generator=g)}
+
+
+def _models(cfg: Config):
+    from acr.method.optim import build_optimizer
+    from acr.models.factory import build_classifier, build_reconstructor
+
+    torch.manual_seed(cfg.train.seed)
+    cls, rec = build_classifier(cfg), build_reconstructor(cfg)
+    return cls, rec, build_optimizer(cls, cfg.optim), build_optimizer(rec, cfg.optim)
+
+
+def acr_flops_per_image(cfg: Config, batch: int) -> float:
+    """FLOPs of one RU + CU iteration (both networks, every decoder pass, forward and backward) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from acr.method.step import StepCounters, train_step
+
+    cls, rec, oc, orr = _models(cfg)
+    b = _tiny_batch(cfg, batch)
+    with FlopCounterMode(display=False) as fc:
+        train_step(cls, rec, oc, orr, b, cfg, 0.5, 100, StepCounters(), lambda t: t, torch.device("cpu"))
+    return fc.get_total_flops() / batch
+
+
+def profile_step(cfg: Config, batch: int, threads: int, repeats: int = 2) -> dict:
+    """Seconds per phase and pass of one iteration, from torch.profiler scopes and autograd's backward timing."""
+    from acr.method.acr import Batch, cu_phase, ru_phase, sample_target
+
+    torch.set_num_threads(threads)
+    cls, rec, oc, orr = _models(cfg)
+    raw = _tiny_batch(cfg, batch)
+    b = Batch(raw["image"], raw["labels"], sample_target(raw["labels"], raw["target_u"]), raw["grid_u"])
+    timings: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        r = fn()
+        timings.setdefault(name, []).append(time.perf_counter() - t)
+        return r
+
+    for i in range(repeats + 1):
+        if i == 1:
+            timings.clear()  # the first iteration warms up
+        orr.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss, _ = timed("ru/forward (classifier no-grad + encoder + 3 decoder passes)",
+                            lambda: ru_phase(cls, rec, b, cfg.method, 0.5))
+        for ev in prof.key_averages():
+            if ev.key.startswith(("ru/", "cu/")):
+                timings.setdefault(f"  {ev.key}", []).append(ev.cpu_time_total / 1e6)
+        timed("ru/backward (encoder + decoder)", loss.backward)
+        timed("ru/optimizer step", orr.step)
+        orr.zero_grad(set_to_none=True)
+        oc.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss, _ = timed("cu/forward (classifier + encoder no-grad + 2 decoder passes)",
+                            lambda: cu_phase(cls, rec, b, cfg.method))
+        for ev in prof.key_averages():
+            if ev.key.startswith(("ru/", "cu/")):
+                timings.setdefault(f"  {ev.key}", []).append(ev.cpu_time_total / 1e6)
+        timed("cu/backward (classifier, through the frozen decoder)", loss.backward)
+        timed("cu/optimizer step", oc.step)
+    return {k: float(np.median(v)) for k, v in timings.items()}
+
+
+def cam_and_crf(cfg: Config, threads: int, images: int) -> dict:
+    from acr.cam import infer_cams
+    from acr.data.dataset import EvalDataset
+    from acr.data.sources import load_split
+    from acr.models.factory import build_classifier
+    from acr.refine.crf import crf_from_cams
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cls = build_classifier(cfg).eval()
+    ds = EvalDataset(load_split(cfg, cfg.eval.split, require_masks=True)[:images], num_classes(cfg))
+    items = [ds[i] for i in range(len(ds))]
+    infer_cams(cls, items[0]["image"], items[0]["labels"], cfg.eval.scales, cfg.eval.flip)
+    t = time.perf_counter()
+    cams = [infer_cams(cls, it["image"], it["labels"], cfg.eval.scales, cfg.eval.flip).numpy() for it in items]
+    cam_ips = len(items) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for it, c in zip(items, cams):
+        crf_from_cams(it["raw"], c, it["labels"].numpy(), alpha=6)
+    crf_ips = len(items) / (time.perf_counter() - t)
+    h, w = items[0]["raw"].shape[:2]
+    return {"cam_inference": {"images_per_second": cam_ips, "scales": cfg.eval.scales, "flip": cfg.eval.flip,
+                              "image_size": [h, w]},
+            "dense_crf": {"images_per_second": crf_ips, "params": "psa (10 iterations)", "image_size": [h, w]}}
+
+
+def markdown(res: dict) -> str:
+    rows = [("plain PyTorch loop, 1 process", res["plain_loop"]),
+            ("TorchTrainer, 1 worker", res["trainer_1_worker"]),
+            ("TorchTrainer, 2 workers", res["trainer_2_workers"])]
+    t = res["threads_total"]
+    lines = [f"### One ACR iteration (RU + CU), {res['size']}, {t} compute threads in total", "",
+             "| variant | images/s (steady) | s/step (median) | data wait | start-up + teardown (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['images_per_second']:.2f} | {r['seconds_per_step_median']:.2f} | "
+                     f"{100 * r['data_wait_share']:.1f}% | {r['overhead_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    p, t1 = res["plain_loop"]["images_per_second"], res["trainer_1_worker"]["images_per_second"]
+    lines += ["", f"TorchTrainer (1 worker) versus the plain loop: {100 * (t1 / p - 1):+.1f}% throughput.",
+              f"FLOPs of one iteration: {res['gflop_per_image']:.1f} GFLOP per image (forward + backward, both phases, "
+              f"`torch.utils.flop_counter`); the plain loop reaches "
+              f"{res['gflop_per_image'] * p:.0f} GFLOP/s ({100 * res['gflop_per_image'] * p / MATMUL_GFLOPS_FP32:.0f}% "
+              f"of the {MATMUL_GFLOPS_FP32:.0f} GFLOP/s fp32 matmul rate).", "",
+              "| inference stage | images/s | setting |", "|---|---|---|",
+              f"| CAM inference | {res['cam_inference']['images_per_second']:.2f} | scales {res['cam_inference']['scales']}"
+              f", flip, {res['cam_inference']['image_size'][0]}x{res['cam_inference']['image_size'][1]} |",
+              f"| dense CRF | {res['dense_crf']['images_per_second']:.2f} | {res['dense_crf']['params']}, "
+              f"{res['dense_crf']['image_size'][0]}x{res['dense_crf']['image_size'][1]} |"]
+    if "official" in res:
+        o = res["official"]
+        lines += ["", "### The released code's workload: resnet38d, batch 2, 256x256, random init, 2 threads", "",
+                  "| implementation | s/step | images/s | GFLOP/image | GFLOP/s |", "|---|---|---|---|---|",
+                  f"| released code (measured 2026-11-25) | {RELEASED_SECONDS_PER_STEP:.1f} | "
+                  f"{2 / RELEASED_SECONDS_PER_STEP:.3f} | {RELEASED_GFLOP_PER_IMAGE:.0f} | "
+                  f"{RELEASED_GFLOP_PER_IMAGE * 2 / RELEASED_SECONDS_PER_STEP:.0f} |",
+                  f"| this project, fp32 | {o['seconds_per_step']:.1f} | {2 / o['seconds_per_step']:.3f} | "
+                  f"{o['gflop_per_image']:.0f} | {o['gflop_per_image'] * 2 / o['seconds_per_step']:.0f} |", "",
+                  "Where the time goes (seconds per iteration; indented rows are forward scopes inside the phase):", "",
+                  "| part | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in o["profile"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_benchmarks_md(section: str, text: str) -> None:
+    path = REPO / "BENCHMARKS.md"
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    doc = path.read_text() if path.is_file() else "# Benchmarks\n\nEvery table below is written by a script in " \
+                                                   "`benchmarks/`; rerun it to refresh.\n"
+    block = f"{begin}\n{text}{end}"
+    if begin in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + f"\n\n## {section.capitalize()}\n\n" + block + "\n"
+    path.write_text(doc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(REPO / "configs/demo.yaml"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30, help="training steps per variant")
+    ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the steady state")
+    ap.add_argument("--images", type=int, default=16, help="images for the CAM and CRF timings")
+    ap.add_argument("--official", action="store_true", help="also time the released code's workload")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    def cfg_for(extra=()):
+        return load_config(args.config, [f"train.max_steps_per_epoch={args.steps}", "train.epochs=1",
+                                         "eval.enabled=false", "train.log_every_steps=0", *args.overrides, *extra])
+
+    cfg = cfg_for()
+    res = {"size": f"{cfg.model.backbone}, batch {cfg.train.batch_size}, {cfg.augment.crop_size}x"
+                   f"{cfg.augment.crop_size} ({Path(args.config).name})", "threads_total": args.threads}
+    res["plain_loop"] = run_plain(cfg, args.threads, args.warmup)
+    res["trainer_1_worker"] = run_trainer(cfg_for(), 1, args.threads, args.warmup)
+    res["trainer_2_workers"] = run_trainer(cfg_for(), 2, args.threads, args.warmup)
+    res["gflop_per_image"] = acr_flops_per_image(cfg, cfg.train.batch_size) / 1e9
+    res.update(cam_and_crf(cfg_for(), args.threads, args.images))
+    if args.official:
+        off = load_config(REPO / "configs/voc_official.yaml",
+                          ["data.format=synthetic", "synthetic.image_size=300", "train.batch_size=2",
+                           "scaling.use_gpu=false", "synthetic.num_classes=20"])
+        prof = profile_step(off, 2, args.threads)
+        res["official"] = {"seconds_per_step": sum(v for k, v in prof.items() if not k.startswith("  ")),
+                           "gflop_per_image": acr_flops_per_image(off, 2) / 1e9, "profile": prof}
+    res.update({"commit": commit(), "command": " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]]),
+                "machine": machine(), "date": time.strftime("%Y-%m-%d")})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "throughput.json").write_text(json.dumps(res, indent=1))
+    text = markdown(res)
+    write_benchmarks_md("throughput", f"Command: `{res['command']}` (commit {res['commit']}, {res['date']}, "
+                                      f"{res['machine']['cpu']}).\n\n{text}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
