@@ -88,3 +88,70 @@ def test_full_iteration_then_phase_order_and_nan_guard(setup):
     out = train_step(cls, rec, opt_cls, opt_rec, bad, cfg, 0.5, 100, counters, lambda t: t, torch.device("cpu"))
     assert counters.skipped_steps == 2 and counters.cls_steps == 1  # both phases skipped, counts not advanced
     assert _identical(before, _snapshot(cls))
+
+
+def _explicit_ru_loss(cls, rec, b, cfg, q):
+    """RU written directly from the equations (Eq. 3, 8-10, 5-7), materialising X_t, X_nt, X_t^RU, X_nt^RU."""
+    from acr.method import acr as A
+
+    size = b.image.shape[-2:]
+    with torch.no_grad():
+        cam, _ = cls(b.image)
+        a = torch.nn.functional.interpolate(A.target_cam(A.normalize_cam(cam), b.labels, b.target), size=size,
+                                            mode="bilinear", align_corners=False)
+    g = A.remnant_grid(b.grid_u, q, size)
+    logits_e, x = rec.encode(b.image)
+    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    x_t, x_nt = A.decompose(x, a)
+    x_t_ru, x_nt_ru = A.feed_remnants(x_t, x_nt, g)
+    r_t, r_nt = rec.decode(torch.cat([x_t_ru, x_nt_ru]), size).chunk(2)
+    r_ae = rec.decode(x.detach(), size)
+    v_t, v_nt = A.ru_validation_masks(a, g)
+    w = (((1 - a) + g * a).flatten(1).sum(1) > cfg.min_valid_pixels).float()
+    loss = A.ru_loss(A.masked_l1(r_t, b.image, v_t, "tensor_size"), A.masked_l1(r_nt, b.image, v_nt, "tensor_size", w),
+                     cfg.ru_target_weight, cfg.ru_nontarget_weight)
+    return loss + cfg.autoencode_weight * A.masked_l1(r_ae, b.image, torch.ones_like(a), "tensor_size") \
+        + cfg.encoder_cls_weight * A.classification_loss(logits_e, b.labels)
+
+
+def test_fused_ru_equals_the_explicit_equations(setup):
+    """The phase applies Eq. 3/8-9 as masks on X in one product (a speed-up); loss and gradients must not change."""
+    cfg, cls, rec, batch = setup
+    fused, _ = ru_phase(cls, rec, batch, cfg.method, q=0.5)
+    fused.backward()
+    g_fused = [p.grad.clone() for p in rec.parameters() if p.grad is not None]
+    rec.zero_grad(set_to_none=True)
+    explicit = _explicit_ru_loss(cls, rec, batch, cfg.method, 0.5)
+    explicit.backward()
+    g_explicit = [p.grad.clone() for p in rec.parameters() if p.grad is not None]
+    assert fused.item() == pytest.approx(explicit.item(), rel=1e-6)
+    assert len(g_fused) == len(g_explicit)
+    for a, b in zip(g_fused, g_explicit):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_cu_equals_the_explicit_equations(setup):
+    from acr.method import acr as A
+
+    cfg, cls, rec, batch = setup
+    fused, _ = cu_phase(cls, rec, batch, cfg.method)
+    fused.backward()
+    g_fused = [p.grad.clone() for p in cls.parameters() if p.grad is not None]
+    cls.zero_grad(set_to_none=True)
+    size = batch.image.shape[-2:]
+    cam, logits = cls(batch.image)
+    with torch.no_grad():
+        _, x = rec.encode(batch.image)
+    up = lambda t: torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+    a = up(A.target_cam(A.normalize_cam(cam), batch.labels, batch.target))
+    x_t, x_nt = A.decompose(up(x), a)
+    r_t, r_nt = rec.decode(torch.cat([x_t, x_nt]), size).chunk(2)
+    v_t, v_nt = A.cu_validation_masks(a, up(cam), batch.target, "zero_cam", "cam_where_top")
+    explicit = A.cu_loss(A.classification_loss(logits, batch.labels),
+                         A.cu_target_loss(r_t, batch.image, v_t, "tensor_size"),
+                         A.cu_nontarget_loss(r_nt, batch.image, v_nt, "tensor_size"), 0.8, 0.3)
+    explicit.backward()
+    g_explicit = [p.grad.clone() for p in cls.parameters() if p.grad is not None]
+    assert fused.item() == pytest.approx(explicit.item(), rel=1e-6)
+    for a_, b_ in zip(g_fused, g_explicit):
+        assert torch.allclose(a_, b_, rtol=1e-4, atol=1e-7)

@@ -201,22 +201,23 @@ def ru_phase(classifier: nn.Module, reconstructor: nn.Module, batch: Batch, cfg:
     g_img = remnant_grid(batch.grid_u, q, size) if cfg.srf.enabled else torch.zeros_like(a_img)
     use_ae = cfg.autoencode_weight > 0
 
-    def compose(x: torch.Tensor) -> torch.Tensor:
+    def compose(x: torch.Tensor) -> list[torch.Tensor]:
+        # Eq. 3 and 8-9 are linear in X: evaluated on X = 1 they give the masks m with X_t^RU = m_t X and
+        # X_nt^RU = m_nt X, which are applied to X in one broadcast product (no per-term copies of a 448-channel
+        # full-resolution feature).
         if cfg.decompose_at == "image":
             x = _upsample(x, size)
             a, g = a_img, g_img
         else:
             a = _upsample(a_t, x.shape[-2:])
             g = remnant_grid(batch.grid_u, q, x.shape[-2:]) if cfg.srf.enabled else torch.zeros_like(a)
-        x_t, x_nt = decompose(x, a)
-        x_t_ru, x_nt_ru = feed_remnants(x_t, x_nt, g)
-        parts = ([x.detach()] if use_ae else []) + [x_t_ru, x_nt_ru]
-        return torch.cat(parts)
+        m_t, m_nt = feed_remnants(*decompose(torch.ones_like(a), a), g)
+        masked = (x[None] * torch.stack([m_t, m_nt])).flatten(0, 1)  # [X_t^RU; X_nt^RU], (2B, D, h, w)
+        return ([x.detach()] if use_ae else []) + [masked]
 
     with record_function("ru/reconstructor_forward"):
-        logits_e, _, recon = reconstructor(image, compose)
-    recons = recon.chunk(3 if use_ae else 2)
-    recon_t, recon_nt = recons[-2], recons[-1]
+        logits_e, _, recons = reconstructor(image, compose)
+    recon_t, recon_nt = recons[-1].chunk(2)
     target = reconstruction_target(image, cfg.reconstruction_target)
     v_t, v_nt = ru_validation_masks(a_img, g_img)
 
@@ -228,7 +229,7 @@ def ru_phase(classifier: nn.Module, reconstructor: nn.Module, batch: Batch, cfg:
     loss_nt = masked_l1(recon_nt, target, v_nt, cfg.l1_normalization, weights)  # Eq. 6 with Eq. 10
     loss = ru_loss(loss_t, loss_nt, cfg.ru_target_weight, cfg.ru_nontarget_weight)
     stats = {"ru/loss_t": loss_t.detach(), "ru/loss_nt": loss_nt.detach()}
-    if use_ae:
+    if use_ae:  # decoder-only auto-encoding of the detached feature (released code)
         loss_ae = masked_l1(recons[0], target, torch.ones_like(a_img), "tensor_size")
         loss = loss + cfg.autoencode_weight * loss_ae
         stats["ru/loss_autoencode"] = loss_ae.detach()
@@ -265,12 +266,13 @@ def cu_phase(classifier: nn.Module, reconstructor: nn.Module | None, batch: Batc
     a_t = target_cam(normalize_cam(cam), batch.labels, batch.target)  # with gradient
     a_img = _upsample(a_t, size)
     if cfg.decompose_at == "image":
-        x_t, x_nt = decompose(_upsample(x, size), a_img)
+        x, a = _upsample(x, size), a_img
     else:
-        x_t, x_nt = decompose(x, _upsample(a_t, x.shape[-2:]))
-    inputs = {"t": x_t, "nt": x_nt}
+        a = _upsample(a_t, x.shape[-2:])
+    masks = dict(zip(("t", "nt"), decompose(torch.ones_like(a), a)))  # Eq. 3 on X = 1: X_t = A_t X, X_nt = (1-A_t) X
+    inputs = (x[None] * torch.stack([masks[n] for n in active])).flatten(0, 1)
     with record_function("cu/decoder_forward"):
-        recon = dict(zip(active, rec.decode(torch.cat([inputs[n] for n in active]), size).chunk(len(active))))
+        recon = dict(zip(active, rec.decode(inputs, size).chunk(len(active))))
     target = reconstruction_target(image, cfg.reconstruction_target)
     v_t, v_nt = cu_validation_masks(a_img, _upsample(cam, size) if cfg.cu_nontarget_mask == "cam_where_top" else cam,
                                     batch.target, cfg.cu_target_mask, cfg.cu_nontarget_mask)

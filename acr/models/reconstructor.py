@@ -99,9 +99,10 @@ class Reconstructor(FrozenBNModule):
             inputs = F.interpolate(inputs, size=size, mode="bilinear", align_corners=False)
         return self.decoder(inputs)
 
-    def forward(self, image: torch.Tensor, compose: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        """One pass through G_E and, if `compose` is given, through G_D on `compose(X)` (all decoder inputs of the
-        phase, concatenated along the batch). A single forward per phase keeps DDP's gradient hooks exact."""
+    def forward(self, image: torch.Tensor,
+                compose: Callable[[torch.Tensor], list[torch.Tensor]] | None = None):
+        """One pass through G_E and, if `compose` is given, through G_D on each batch of decoder inputs that
+        `compose(X)` returns (a list). A single forward per phase keeps DDP's gradient hooks exact."""
         logits, x = self.encode(image)
-        recon = self.decode(compose(x), image.shape[-2:]) if compose is not None else None
-        return logits, x, recon
+        recons = [self.decode(inp, image.shape[-2:]) for inp in compose(x)] if compose is not None else None
+        return logits, x, recons
