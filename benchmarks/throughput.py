@@ -33,7 +33,28 @@ RESULTS = REPO / "benchmarks" / "results"
 # The released code on this machine (issue 3): 33.5 s per RU+CU step of batch 2, median of 3, 2026-11-25.
 RELEASED_SECONDS_PER_STEP = 33.5
 RELEASED_GFLOP_PER_IMAGE = 2511.0
-MATMUL_GFLOPS_FP32 = 191.0  # 4096^3 fp32 matmul, 2 threads, this machine (shared/spec/environment.md)
+SPEC_MATMUL_GFLOPS_FP32 = 191.0  # 4096^3 fp32 matmul, 2 threads, on the machine the spec was measured on
+
+
+def reference_rates(threads: int) -> dict:
+    """What this machine can do right now: fp32 matmul and 3x3 conv GFLOP/s with `threads` threads, and whether
+    oneDNN has bf16 kernels here (without them bf16 convolutions fall back to a path hundreds of times slower)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    matmul = 3 * 2 * 4096**3 / (time.perf_counter() - t) / 1e9
+    conv, x = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False), torch.randn(8, 256, 64, 64)
+    with torch.no_grad():
+        conv(x)
+        t = time.perf_counter()
+        for _ in range(3):
+            conv(x)
+    conv_rate = 3 * 2 * 8 * 256 * 256 * 9 * 64 * 64 / (time.perf_counter() - t) / 1e9
+    return {"matmul_fp32_gflops": matmul, "conv3x3_fp32_gflops": conv_rate,
+            "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
 
 
 def machine() -> dict:
@@ -210,11 +231,17 @@ def cam_and_crf(cfg: Config, threads: int, images: int) -> dict:
 
 
 def markdown(res: dict) -> str:
+    mm = res["reference"]["matmul_fp32_gflops"]
     rows = [("plain PyTorch loop, 1 process", res["plain_loop"]),
             ("TorchTrainer, 1 worker", res["trainer_1_worker"]),
             ("TorchTrainer, 2 workers", res["trainer_2_workers"])]
     t = res["threads_total"]
-    lines = [f"### One ACR iteration (RU + CU), {res['size']}, {t} compute threads in total", "",
+    ref = res["reference"]
+    lines = [f"This machine in this run: fp32 matmul {ref['matmul_fp32_gflops']:.0f} GFLOP/s, fp32 3x3 conv "
+             f"{ref['conv3x3_fp32_gflops']:.0f} GFLOP/s ({t} threads); oneDNN bf16 kernels: "
+             f"{'yes' if ref['onednn_bf16'] else 'no'}. The spec's machine reached {SPEC_MATMUL_GFLOPS_FP32:.0f} GFLOP/s "
+             "fp32 matmul: compare rates as fractions, not absolute times across machines.", "",
+             f"### One ACR iteration (RU + CU), {res['size']}, {t} compute threads in total", "",
              "| variant | images/s (steady) | s/step (median) | data wait | start-up + teardown (s) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|"]
     for name, r in rows:
@@ -224,8 +251,8 @@ def markdown(res: dict) -> str:
     lines += ["", f"TorchTrainer (1 worker) versus the plain loop: {100 * (t1 / p - 1):+.1f}% throughput.",
               f"FLOPs of one iteration: {res['gflop_per_image']:.1f} GFLOP per image (forward + backward, both phases, "
               f"`torch.utils.flop_counter`); the plain loop reaches "
-              f"{res['gflop_per_image'] * p:.0f} GFLOP/s ({100 * res['gflop_per_image'] * p / MATMUL_GFLOPS_FP32:.0f}% "
-              f"of the {MATMUL_GFLOPS_FP32:.0f} GFLOP/s fp32 matmul rate).", "",
+              f"{res['gflop_per_image'] * p:.0f} GFLOP/s ({100 * res['gflop_per_image'] * p / mm:.0f}% "
+              f"of the {mm:.0f} GFLOP/s fp32 matmul rate measured in the same run).", "",
               "| inference stage | images/s | setting |", "|---|---|---|",
               f"| CAM inference | {res['cam_inference']['images_per_second']:.2f} | scales {res['cam_inference']['scales']}"
               f", flip, {res['cam_inference']['image_size'][0]}x{res['cam_inference']['image_size'][1]} |",
@@ -235,11 +262,12 @@ def markdown(res: dict) -> str:
         o = res["official"]
         lines += ["", "### The released code's workload: resnet38d, batch 2, 256x256, random init, 2 threads", "",
                   "| implementation | s/step | images/s | GFLOP/image | GFLOP/s |", "|---|---|---|---|---|",
-                  f"| released code (measured 2026-11-25) | {RELEASED_SECONDS_PER_STEP:.1f} | "
+                  f"| released code (issue 3: measured 2026-11-25 on the spec's machine) | {RELEASED_SECONDS_PER_STEP:.1f} | "
                   f"{2 / RELEASED_SECONDS_PER_STEP:.3f} | {RELEASED_GFLOP_PER_IMAGE:.0f} | "
                   f"{RELEASED_GFLOP_PER_IMAGE * 2 / RELEASED_SECONDS_PER_STEP:.0f} |",
-                  f"| this project, fp32 | {o['seconds_per_step']:.1f} | {2 / o['seconds_per_step']:.3f} | "
-                  f"{o['gflop_per_image']:.0f} | {o['gflop_per_image'] * 2 / o['seconds_per_step']:.0f} |", "",
+                  f"| this project, fp32, this machine | {o['seconds_per_step']:.1f} | {2 / o['seconds_per_step']:.3f} | "
+                  f"{o['gflop_per_image']:.0f} | {o['gflop_per_image'] * 2 / o['seconds_per_step']:.0f} "
+                  f"({100 * o['gflop_per_image'] * 2 / o['seconds_per_step'] / mm:.0f}% of matmul) |", "",
                   "Where the time goes (seconds per iteration; indented rows are forward scopes inside the phase):", "",
                   "| part | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in o["profile"].items()]
@@ -275,7 +303,7 @@ def main() -> None:
                                          "eval.enabled=false", "train.log_every_steps=0", *args.overrides, *extra])
 
     cfg = cfg_for()
-    res = {"size": f"{cfg.model.backbone}, batch {cfg.train.batch_size}, {cfg.augment.crop_size}x"
+    res = {"reference": reference_rates(args.threads), "size": f"{cfg.model.backbone}, batch {cfg.train.batch_size}, {cfg.augment.crop_size}x"
                    f"{cfg.augment.crop_size} ({Path(args.config).name})", "threads_total": args.threads}
     res["plain_loop"] = run_plain(cfg, args.threads, args.warmup)
     res["trainer_1_worker"] = run_trainer(cfg_for(), 1, args.threads, args.warmup)

@@ -152,6 +152,9 @@ def run_worker(loop_config: dict, session) -> None:
     cfg = config_from_dict(loop_config["config"])
     data_root = Path(loop_config["data_root"])
     rank, world, device = session.rank, session.world, session.device
+    if cfg.train.precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError("train.precision=bf16: this CPU has no oneDNN bf16 kernels (they need AVX512-BF16 or AMX); "
+                         "bf16 convolutions would fall back to a path hundreds of times slower. Use fp32 here.")
     threads = cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker, whatever their number
