@@ -1,0 +1,155 @@
+"""The paper's ablations (Tables 1 and 2) on the embedded benchmark, with identical budgets, data and seeds.
+
+    python benchmarks/ablations.py                     # every row, 3 seeds
+    python benchmarks/ablations.py --quick             # one seed of `baseline` and `adversarial_srf`, smaller budget
+
+Rows (paper Table 1): baseline (classification only), pretrained (reconstructor trained against the frozen baseline
+classifier, then a new classifier trained against it, frozen: paper Sec. 5.3) without / with SRF, adversarial
+without / with SRF. Table 2: CU terms cls only, cls + target, cls + non-target, all. `cu_cls` is the baseline run
+(with L_cls alone the classifier never sees the reconstructor: same data, same seed, same updates) and `cu_all` is
+the `adversarial_srf` run; both are reported under their own ids with the run they reuse named.
+Each run trains in this process (the plain loop) and scores CAMs on the embedded val split. Results:
+benchmarks/results/ablations.json and the ablations section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from acr.config import load_config, to_dict  # noqa: E402
+from acr.data.sources import dataset_root  # noqa: E402
+from acr.distributed.train_loop import LocalSession, run_worker  # noqa: E402
+from benchmarks.throughput import commit, machine, write_benchmarks_md  # noqa: E402
+
+PAPER = {  # VOC train, paper Tables 1-2: mIoU (%), precision, recall
+    "baseline": (48.4, 0.61, 0.72), "pretrained": (52.9, None, None), "pretrained_srf": (54.6, None, None),
+    "adversarial": (55.8, None, None), "adversarial_srf": (60.3, 0.75, 0.76),
+    "cu_cls": (48.4, 0.61, 0.72), "cu_cls_t": (53.4, 0.73, 0.68), "cu_cls_nt": (51.5, 0.58, 0.77),
+    "cu_all": (60.3, 0.75, 0.76),
+}
+NO_SRF = ["method.srf.enabled=false"]
+
+
+def train(name: str, overrides: list[str], work: Path, base: list[str]) -> tuple[dict, Path]:
+    cfg = load_config(REPO / "configs/demo.yaml", base + overrides)
+    session = LocalSession(work / name)
+    t = time.perf_counter()
+    run_worker({"config": to_dict(cfg), "data_root": str(dataset_root(cfg))}, session)
+    final = dict(session.reports[-1])
+    final["seconds"] = time.perf_counter() - t
+    print(f"  {name}: " + ", ".join(f"{k} {final[k]:.4f}" for k in ("cam_miou", "precision", "recall")
+                                     if k in final) + f" ({final['seconds']:.0f} s)", flush=True)
+    return final, session.last_checkpoint
+
+
+def run_seed(seed: int, rows: list[str], work: Path, base: list[str]) -> dict:
+    base = base + [f"train.seed={seed}"]
+    out: dict[str, dict] = {}
+    no_eval = ["eval.enabled=false"]
+    baseline, baseline_ckpt = train("baseline", ["method.reconstructor=none"], work, base)
+    out["baseline"] = baseline
+    for srf, suffix in ((NO_SRF, ""), ([], "_srf")):
+        if f"pretrained{suffix}" in rows:
+            _, ru_ckpt = train(f"reconstructor_pretraining{suffix}", srf + no_eval + [
+                f"method.init_classifier={baseline_ckpt}", "method.train_classifier=false"], work, base)
+            out[f"pretrained{suffix}"], _ = train(f"pretrained{suffix}", [
+                "method.reconstructor=pretrained", f"method.pretrained_reconstructor={ru_ckpt}"], work, base)
+    if "adversarial" in rows:
+        out["adversarial"], _ = train("adversarial", NO_SRF, work, base)
+    out["adversarial_srf"], _ = train("adversarial_srf", [], work, base)
+    if "cu_cls_t" in rows:
+        out["cu_cls_t"], _ = train("cu_cls_t", ["method.cu_nontarget_weight=0"], work, base)
+    if "cu_cls_nt" in rows:
+        out["cu_cls_nt"], _ = train("cu_cls_nt", ["method.cu_target_weight=0"], work, base)
+    out["cu_cls"], out["cu_all"] = out["baseline"], out["adversarial_srf"]
+    return {k: v for k, v in out.items() if k in rows}
+
+
+def summarise(per_seed: list[dict], rows: list[str], seeds: list[int]) -> list[dict]:
+    result = []
+    for row in rows:
+        entry = {"id": row, "seeds": seeds}
+        for m in ("cam_miou", "precision", "recall"):
+            vals = np.array([s[row][m] for s in per_seed])
+            entry[m] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        entry["reuses"] = {"cu_cls": "baseline", "cu_all": "adversarial_srf"}.get(row)
+        result.append(entry)
+    return result
+
+
+def markdown(rows: list[dict], budget: str) -> str:
+    by = {r["id"]: r for r in rows}
+
+    def cell(row, m, pct):
+        if row not in by:
+            return "-"
+        v = by[row][m]
+        return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" if pct else f"{v['mean']:.3f} ± {v['std']:.3f}"
+
+    def paper(row, i, pct=False):
+        v = PAPER[row][i]
+        return "-" if v is None else (f"{v:.1f}" if pct else f"{v:.2f}")
+
+    t1 = ["| learning strategy | SRF | CAM mIoU (%) here | paper (VOC train) |", "|---|---|---|---|"]
+    for row, strategy, srf in (("baseline", "baseline", ""), ("pretrained", "pre-trained", ""),
+                               ("pretrained_srf", "pre-trained", "✓"), ("adversarial", "adversarial", ""),
+                               ("adversarial_srf", "adversarial", "✓")):
+        t1.append(f"| {strategy} | {srf} | {cell(row, 'cam_miou', True)} | {paper(row, 0, True)} |")
+    t2 = ["| L_cls | L_t | L_nt | precision here | recall here | mIoU (%) here | paper P / R / mIoU |",
+          "|---|---|---|---|---|---|---|"]
+    for row, t, nt in (("cu_cls", "", ""), ("cu_cls_t", "✓", ""), ("cu_cls_nt", "", "✓"), ("cu_all", "✓", "✓")):
+        t2.append(f"| ✓ | {t} | {nt} | {cell(row, 'precision', False)} | {cell(row, 'recall', False)} | "
+                  f"{cell(row, 'cam_miou', True)} | {paper(row, 1)} / {paper(row, 2)} / {paper(row, 0, True)} |")
+    return (f"Budget: {budget}. Mean ± std over seeds; CAM mIoU on the embedded val split (multi-scale + flip, best "
+            "background threshold).\n\nTable 1 (learning strategy):\n\n" + "\n".join(t1)
+            + "\n\nTable 2 (CU loss terms):\n\n" + "\n".join(t2) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--quick", action="store_true", help="one seed of baseline and adversarial_srf, smaller budget")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml for every run")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rows = list(PAPER)
+    base = ["train.log_every_steps=0", "train.threads_per_worker=2", *args.overrides]
+    if args.quick:
+        rows, args.seeds = ["baseline", "adversarial_srf"], args.seeds[:1]
+        base = ["train.epochs=3", *base]
+    cfg = load_config(REPO / "configs/demo.yaml", base)
+    budget = (f"configs/demo.yaml ({cfg.model.backbone}, {cfg.augment.crop_size} px, {cfg.synthetic.train_images} "
+              f"train images), {cfg.train.epochs} epochs x {cfg.synthetic.train_images // cfg.train.batch_size} steps "
+              f"of batch {cfg.train.batch_size} per run, seeds {args.seeds}" + (" (--quick)" if args.quick else ""))
+    per_seed = []
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            print(f"seed {seed}", flush=True)
+            per_seed.append(run_seed(seed, rows, Path(tmp) / f"seed{seed}", base))
+    result = {"rows": summarise(per_seed, rows, args.seeds), "budget": budget,
+              "minutes": (time.perf_counter() - t) / 60, "commit": commit(),
+              "command": " ".join(["python", "benchmarks/ablations.py", *sys.argv[1:]]), "machine": machine()}
+    out = REPO / "benchmarks" / "results" / ("ablations_quick.json" if args.quick else "ablations.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    text = markdown(result["rows"], budget)
+    write_benchmarks_md("ablations (quick)" if args.quick else "ablations",
+                        f"Command: `{result['command']}` (commit {result['commit']}, {result['minutes']:.0f} min).\n\n"
+                        + text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
