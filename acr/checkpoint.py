@@ -42,3 +42,20 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     model = build_classifier(cfg)
     model.load_state_dict(state["classifier"])
     return model.to(device).eval(), cfg
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the classifier's backbone of a checkpoint as a plain state dict that `model.pretrained` accepts (the
+    same tensor names as the ImageNet weights files), so that a classifier trained on one dataset can initialise
+    both networks of a run on another: the embedded benchmark's stand-in for ImageNet pre-training."""
+    state = load_state(checkpoint)
+    backbone = {k.removeprefix("backbone."): v for k, v in state["classifier"].items() if k.startswith("backbone.")}
+    if not backbone:
+        raise ValueError(f"{checkpoint}: the classifier state has no backbone tensors")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".backbone-", suffix=".tmp")
+    os.close(fd)
+    torch.save(backbone, tmp)
+    os.replace(tmp, out)
+    return out

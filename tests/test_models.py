@@ -104,3 +104,26 @@ def test_frozen_bn_stays_frozen_and_calibration_sets_statistics():
     before = bn.running_mean.clone()
     net(torch.randn(2, 3, 32, 32))
     assert torch.equal(before, bn.running_mean)  # frozen: training-mode forwards do not update statistics
+
+
+def test_exported_backbone_initialises_both_networks(tmp_path):
+    """A trained classifier's backbone, exported from a checkpoint, is a `model.pretrained` file: loading it gives
+    the classifier's backbone tensors exactly (the embedded benchmark's stand-in for ImageNet weights)."""
+    from acr.checkpoint import export_backbone, save_state
+
+    torch.manual_seed(0)
+    trained = Classifier("resnet18", 6, output_stride=16, cam_head_hidden=32, dropout=False)
+    for m in trained.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+    save_state(tmp_path / "ckpt", {"classifier": trained.state_dict()})
+    path = export_backbone(tmp_path / "ckpt", tmp_path / "backbone.pth")
+    torch.manual_seed(1)
+    fresh = Classifier("resnet18", 6, output_stride=16, cam_head_hidden=32, dropout=False, pretrained=str(path))
+    want = trained.backbone.state_dict()
+    got = fresh.backbone.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="no backbone tensors"):
+        save_state(tmp_path / "empty", {"classifier": {"head.weight": torch.zeros(1)}})
+        export_backbone(tmp_path / "empty", tmp_path / "x.pth")
