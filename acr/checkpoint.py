@@ -15,14 +15,18 @@ from acr.models.factory import build_classifier
 STATE_FILE = "state.pt"
 
 
-def save_state(folder: Path, state: dict) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state-", suffix=".tmp")
+def _save_atomically(obj, path: Path) -> Path:
+    """torch.save to a temporary file beside `path`, then rename: a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
     os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, folder / STATE_FILE)
-    return folder / STATE_FILE
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_state(folder: Path, state: dict) -> Path:
+    return _save_atomically(state, Path(folder) / STATE_FILE)
 
 
 def load_state(path: str | Path, map_location="cpu") -> dict:
@@ -52,10 +56,4 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
     backbone = {k.removeprefix("backbone."): v for k, v in state["classifier"].items() if k.startswith("backbone.")}
     if not backbone:
         raise ValueError(f"{checkpoint}: the classifier state has no backbone tensors")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".backbone-", suffix=".tmp")
-    os.close(fd)
-    torch.save(backbone, tmp)
-    os.replace(tmp, out)
-    return out
+    return _save_atomically(backbone, Path(out))

@@ -38,6 +38,7 @@ from acr.checkpoint import export_backbone  # noqa: E402
 from acr.config import load_config, to_dict  # noqa: E402
 from acr.data.synthetic import GENERATOR_VERSION, default_cache_dir  # noqa: E402
 from acr.data.sources import dataset_root  # noqa: E402
+from acr.data.transforms import normalize  # noqa: E402
 from acr.distributed.train_loop import LocalSession, run_worker  # noqa: E402
 from benchmarks.throughput import commit, machine, write_benchmarks_md  # noqa: E402
 
@@ -90,16 +91,15 @@ def reconstruction_references(cfg, root: Path, n: int = 64) -> dict:
     sampled at the encoder's feature resolution and bilinearly upsampled back."""
     from PIL import Image
 
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     side = cfg.augment.crop_size // cfg.model.output_stride
     files = sorted((root / "JPEGImages").glob("*.jpg"))[:n]
     flat, low = [], []
     for f in files:
         img = Image.open(f).convert("RGB")
-        x = (np.asarray(img) / 255.0 - mean) / std
+        x = normalize(np.asarray(img))
         flat.append(np.abs(x - x.mean((0, 1))).mean())
         small = img.resize((side, side), Image.BILINEAR).resize(img.size, Image.BILINEAR)
-        low.append(np.abs(x - (np.asarray(small) / 255.0 - mean) / std).mean())
+        low.append(np.abs(x - normalize(np.asarray(small))).mean())
     return {"images": len(files), "mean_colour_l1": float(np.mean(flat)),
             f"bilinear_{side}x{side}_l1": float(np.mean(low))}
 

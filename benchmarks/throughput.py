@@ -246,12 +246,12 @@ def cam_and_crf(cfg: Config, threads: int, images: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    mm = res["reference"]["matmul_fp32_gflops"]
+    ref = res["reference"]
+    mm = ref["matmul_fp32_gflops"]
     rows = [("plain PyTorch loop, 1 process", res["plain_loop"]),
             ("TorchTrainer, 1 worker", res["trainer_1_worker"]),
             ("TorchTrainer, 2 workers", res["trainer_2_workers"])]
     t = res["threads_total"]
-    ref = res["reference"]
     lines = [f"This machine in this run: fp32 matmul {ref['matmul_fp32_gflops']:.0f} GFLOP/s, fp32 3x3 conv "
              f"{ref['conv3x3_fp32_gflops']:.0f} GFLOP/s ({t} threads); oneDNN bf16 kernels: "
              f"{'yes' if ref['onednn_bf16'] else 'no'}. The spec's machine reached {SPEC_MATMUL_GFLOPS_FP32:.0f} GFLOP/s "
