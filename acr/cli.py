@@ -10,9 +10,13 @@ from pathlib import Path
 from acr.config import Config, ConfigError, load_config
 
 
-def parse_job_args(description: str, default_config: Path | None, argv=None, job: str = "run"
-                   ) -> tuple[Config, Path, argparse.Namespace]:
+def parse_job_args(description: str, default_config: Path | None, argv=None, job: str = "run", add_args=None
+                   ) -> tuple[Config, Path | None, argparse.Namespace]:
+    """(config, output dir, all arguments). `add_args(parser)` adds a job's own flags. A job whose output folder
+    has another default (`job=None`) gets None when --output-dir is not given."""
     p = argparse.ArgumentParser(description=description)
+    if add_args:
+        add_args(p)
     p.add_argument("--config", type=Path, default=default_config, help="YAML config (default: %(default)s)")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="the run folder; rerunning with the same folder resumes (default: outputs/<job>-<time>)")
@@ -22,7 +26,7 @@ def parse_job_args(description: str, default_config: Path | None, argv=None, job
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         p.exit(2, f"{p.prog}: config error: {exc}\n")
-    out = args.output_dir or Path("outputs") / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.output_dir or (Path("outputs") / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}" if job else None)
     return cfg, out, args
 
 

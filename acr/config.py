@@ -42,10 +42,15 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    format: Literal["synthetic", "voc"] = "synthetic"
+    # Where the images come from. Training always reads Parquet shards (acr.data.shards): `data.shards` names prepared
+    # ones (a folder or an s3:// URI with manifest.json); otherwise the `format` folder at `root` is converted first,
+    # into `cache_dir` (reused while the source is unchanged).
+    format: Literal["synthetic", "voc", "coco"] = "synthetic"
     # Dataset root. For `synthetic` it may stay null: the dataset is generated into cache_dir and reused.
     root: str | None = None
-    # Where generated datasets (and later shards) go; never inside `root`. null = $ACR_CACHE or ~/.cache/acr.
+    # Prepared shards (ray_jobs/prepare_data.py output: a folder or URI holding manifest.json). Overrides format/root.
+    shards: str | None = None
+    # Where generated datasets and converted shards go; never inside `root`. null = $ACR_CACHE or ~/.cache/acr.
     cache_dir: str | None = None
     train_split: str = "train"
     # Image-level labels for VOC: `auto` (labels file if given, else XML, else masks), `xml`, `masks`, `file`.
@@ -53,8 +58,19 @@ class DataConfig:
     # A JSON {id: [class ids 1..C]} or .npy (psa/IRN cls_labels.npy, {id: multi-hot}) labels file.
     labels_file: str | None = None
     num_classes: int = 20
-    # Loader threads per training worker (0 = in the training process).
-    loader_workers: int = 0
+    # COCO crowd annotations (iscrowd=1) in the semantic masks: `ignore` paints them 255 (under the non-crowd objects),
+    # `class` paints them as their class. Their classes count as image-level labels either way.
+    coco_crowd: Literal["ignore", "class"] = "ignore"
+    # Rows (images) per Parquet shard file.
+    shard_rows: int = 256
+    # A row whose bytes do not decode (or a source image that does not): false = stop with an error naming the shard
+    # and row id; true = skip it, count it, and report the count in summary.json.
+    skip_corrupt: bool = False
+    # Ray Data actors that read, decode and augment training images, and the CPUs each reserves.
+    decode_actors: int = 1
+    decode_cpus: float = 1.0
+    # Batches each training worker prefetches from Ray Data (decoded, augmented).
+    prefetch_batches: int = 2
 
 
 @dataclass
@@ -429,8 +445,12 @@ def validate(cfg: Config) -> None:
         need(all(0 <= c < cfg.synthetic.num_classes for c in cfg.synthetic.context_classes),
              f"synthetic.context_classes {cfg.synthetic.context_classes} must be class indices "
              f"< synthetic.num_classes={cfg.synthetic.num_classes}")
-    else:
-        need(cfg.data.root is not None, f"data.format={cfg.data.format} needs data.root")
+    elif cfg.data.shards is None:
+        need(cfg.data.root is not None, f"data.format={cfg.data.format} needs data.root (or data.shards)")
+    need(cfg.data.shard_rows >= 1, f"data.shard_rows must be >= 1, got {cfg.data.shard_rows}")
+    need(cfg.data.decode_actors >= 1, f"data.decode_actors must be >= 1, got {cfg.data.decode_actors}")
+    need(cfg.data.decode_cpus > 0, f"data.decode_cpus must be > 0, got {cfg.data.decode_cpus}")
+    need(cfg.data.prefetch_batches >= 0, f"data.prefetch_batches must be >= 0, got {cfg.data.prefetch_batches}")
     need(cfg.data.labels != "file" or cfg.data.labels_file, "data.labels=file needs data.labels_file")
 
 

@@ -39,7 +39,7 @@ from acr.config import load_config, to_dict  # noqa: E402
 from acr.data.synthetic import GENERATOR_VERSION, default_cache_dir  # noqa: E402
 from acr.data.sources import dataset_root  # noqa: E402
 from acr.data.transforms import normalize  # noqa: E402
-from acr.distributed.train_loop import LocalSession, run_worker  # noqa: E402
+from acr.distributed.trainer import run_local  # noqa: E402
 from benchmarks.throughput import commit, machine, write_benchmarks_md  # noqa: E402
 
 PAPER = {  # VOC train, paper Tables 1-2: mIoU (%), precision, recall
@@ -59,9 +59,8 @@ PRETRAIN_OVERRIDES = ["method.reconstructor=none", "synthetic.seed=101", "synthe
 
 def train(name: str, overrides: list[str], work: Path, base: list[str]) -> tuple[dict, Path]:
     cfg = load_config(REPO / "configs/demo.yaml", base + overrides)
-    session = LocalSession(work / name)
     t = time.perf_counter()
-    run_worker({"config": to_dict(cfg), "data_root": str(dataset_root(cfg))}, session)
+    session = run_local(cfg, work / name)
     final = dict(session.reports[-1])
     final["seconds"] = time.perf_counter() - t
     print(f"  {name}: " + ", ".join(f"{k} {final[k]:.4f}" for k in ("cam_miou", "precision", "recall")

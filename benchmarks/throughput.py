@@ -92,13 +92,12 @@ def steady_state(history: dict, batch: int, warmup: int) -> dict:
 
 def run_plain(cfg: Config, threads: int, warmup: int) -> dict:
     """The training loop in this process, without Ray."""
-    from acr.distributed.train_loop import LocalSession, run_worker
+    from acr.distributed.trainer import run_local
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        session = LocalSession(Path(tmp))
         t = time.perf_counter()
-        run_worker({"config": to_dict(cfg), "data_root": str(dataset_root(cfg))}, session)
+        session = run_local(cfg, Path(tmp))
         wall = time.perf_counter() - t
         history = json.loads((session.last_checkpoint / "history.json").read_text())
     out = steady_state(history, cfg.train.batch_size, warmup)
@@ -110,7 +109,7 @@ def run_plain(cfg: Config, threads: int, warmup: int) -> dict:
 def run_trainer(cfg: Config, workers: int, threads: int, warmup: int) -> dict:
     import ray
 
-    from acr.distributed.trainer import build_trainer, init_ray
+    from acr.distributed.trainer import build_trainer, init_ray, prepare_run
 
     cfg.scaling.num_workers = workers
     cfg.scaling.cpus_per_worker = threads // workers
@@ -118,7 +117,7 @@ def run_trainer(cfg: Config, workers: int, threads: int, warmup: int) -> dict:
     init_ray(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        result = build_trainer(cfg, Path(tmp) / "run", dataset_root(cfg)).fit()
+        result = build_trainer(cfg, Path(tmp) / "run", *prepare_run(cfg, progress=False)[:2]).fit()
         wall = time.perf_counter() - t
         if result.error:
             raise result.error
@@ -221,16 +220,19 @@ def time_steps(cfg: Config, batch: int, threads: int, steps: int = 3) -> float:
 
 def cam_and_crf(cfg: Config, threads: int, images: int) -> dict:
     from acr.cam import infer_cams
-    from acr.data.dataset import EvalDataset
-    from acr.data.sources import load_split
+    import pyarrow.parquet as pq
+
+    from acr.data.ingest import eval_item
+    from acr.data.sources import ensure_shards
     from acr.models.factory import build_classifier
     from acr.refine.crf import crf_from_cams
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cls = build_classifier(cfg).eval()
-    ds = EvalDataset(load_split(cfg, cfg.eval.split, require_masks=True)[:images], num_classes(cfg))
-    items = [ds[i] for i in range(len(ds))]
+    uri, manifest = ensure_shards(cfg, [cfg.eval.split], progress=False)
+    rows = pq.read_table(f"{uri}/{manifest['splits'][cfg.eval.split]['shards'][0]['file']}").to_pylist()[:images]
+    items = [eval_item(r, num_classes(cfg), r["id"]) for r in rows]
     infer_cams(cls, items[0]["image"], items[0]["labels"], cfg.eval.scales, cfg.eval.flip)
     t = time.perf_counter()
     cams = [infer_cams(cls, it["image"], it["labels"], cfg.eval.scales, cfg.eval.flip).numpy() for it in items]

@@ -28,6 +28,17 @@ def coco_mini() -> Path:
     return _need(SHARED_DATA / "coco_mini")
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray for the tests of one module: 4 logical CPUs, so that training workers, the Ray Data decode
+    actor and Ray's own tasks never wait on each other on a 2-core machine."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """A per-session cache so tests never touch the user's ~/.cache/acr."""

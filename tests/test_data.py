@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from acr.config import SyntheticConfig
-from acr.data.dataset import TrainDataset, WorkerBatchSampler, global_batches
 from acr.data.synthetic import ensure_synthetic, generate
 from acr.data.transforms import random_crop
 from acr.data.voc import VOC_CLASSES, DataError, load_image, load_mask, read_voc_split
@@ -80,27 +79,6 @@ def test_random_crop_pads_with_zero_and_keeps_content():
     img = np.arange(1, 7, dtype=np.float32).reshape(2, 3, 1)
     out = random_crop(img, np.random.default_rng(0), 4)
     assert out.shape == (4, 4, 1) and out.sum() == img.sum() and (out == 0).sum() == 16 - 6
-
-
-def test_items_depend_only_on_seed_epoch_index(tmp_path):
-    root = generate(SMALL, tmp_path / "d")
-    recs = read_voc_split(root, "train", 4)
-    ds = TrainDataset(recs, 4, seed=3, resize_mode="scale", resize_range=[0.5, 1.5], crop_size=48, flip=True,
-                      grid_size=4)
-    a = ds[(2, 5)]
-    _ = ds[(2, 6)], ds[(1, 5)]
-    b = ds[(2, 5)]
-    assert all(np.array_equal(a[k], b[k]) for k in ("image", "target_u", "grid_u"))
-    assert not np.array_equal(a["image"], ds[(3, 5)]["image"])
-
-
-def test_worker_slices_partition_each_global_batch():
-    batches = global_batches(21, 4, seed=1, epoch=2)
-    assert batches.shape == (5, 4) and len(set(batches.ravel())) == 20  # drop_last: one image dropped
-    slices = [list(WorkerBatchSampler(21, 4, r, 2, 1, 2)) for r in range(2)]
-    for step in range(5):
-        got = [i for r in range(2) for (_, i) in slices[r][step]]
-        assert got == batches[step].tolist()
 
 
 def test_corrupt_jpeg_names_the_file(tmp_path):

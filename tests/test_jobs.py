@@ -57,7 +57,8 @@ def test_ray_job_submit_to_local_head(cache_dir, tmp_path):
     port, dash = _free_port(), _free_port()
     # Token auth is on whenever ~/.ray/auth_token exists; asking for it explicitly works either way.
     env = _env(RAY_AUTH_MODE="token")
-    start = ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
+    # 4 logical CPUs on the 2 cores: the training worker's 2 plus the Ray Data decode actor and its small tasks
+    start = ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=4",
              "--include-dashboard=true", "--disable-usage-stats"]
     subprocess.run(start, check=True, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     try:

@@ -1,4 +1,5 @@
-"""The training loop in-process (LocalSession, no Ray): ablation modes and failure handling."""
+"""The training loop in-process (LocalSession: no Ray Train, the same Ray Data stream): ablation modes and failure
+handling."""
 
 import json
 
@@ -6,9 +7,8 @@ import pytest
 import torch
 
 from acr.checkpoint import load_classifier, load_state
-from acr.config import load_config, to_dict
-from acr.data.sources import dataset_root
-from acr.distributed.train_loop import LocalSession, run_worker
+from acr.config import load_config
+from acr.distributed.trainer import run_local
 from acr.method.step import NonFiniteLossError
 from tests.conftest import TINY_OVERRIDES
 
@@ -17,12 +17,10 @@ def _run(tmp_path, cache_dir, name, extra):
     cfg = load_config(None, TINY_OVERRIDES + [f"data.cache_dir={cache_dir}", "train.log_every_steps=0",
                                               "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
                                               "train.threads_per_worker=2"] + extra)
-    session = LocalSession(tmp_path / name)
-    run_worker({"config": to_dict(cfg), "data_root": str(dataset_root(cfg))}, session)
-    return session
+    return run_local(cfg, tmp_path / name)
 
 
-def test_baseline_pretrained_and_adversarial_modes(tmp_path, cache_dir):
+def test_baseline_pretrained_and_adversarial_modes(ray_local, tmp_path, cache_dir):
     base = _run(tmp_path, cache_dir, "base", ["method.reconstructor=none", "eval.enabled=false"])
     state = load_state(base.last_checkpoint)
     assert state["reconstructor"] is None and state["counters"]["rec_steps"] == 0  # no reconstructor was built
@@ -45,7 +43,7 @@ def test_baseline_pretrained_and_adversarial_modes(tmp_path, cache_dir):
     assert cfg.method.reconstructor == "pretrained" and isinstance(model, torch.nn.Module)
 
 
-def test_eval_reports_fractions_and_beats_nothing_by_construction(tmp_path, cache_dir):
+def test_eval_reports_fractions_and_beats_nothing_by_construction(ray_local, tmp_path, cache_dir):
     s = _run(tmp_path, cache_dir, "ev", [])
     final = s.reports[-1]
     for k in ("cam_miou", "precision", "recall"):
@@ -56,7 +54,7 @@ def test_eval_reports_fractions_and_beats_nothing_by_construction(tmp_path, cach
     assert (s.last_checkpoint / "cam_overlays.png").stat().st_size > 1000
 
 
-def test_diverging_loss_stops_with_a_clear_error(tmp_path, cache_dir):
+def test_diverging_loss_stops_with_a_clear_error(ray_local, tmp_path, cache_dir):
     with pytest.raises(NonFiniteLossError, match="consecutive non-finite losses"):
         _run(tmp_path, cache_dir, "nan", ["optim.lr=1e30", "train.max_consecutive_nonfinite=0",
                                           "train.max_steps_per_epoch=4", "eval.enabled=false"])

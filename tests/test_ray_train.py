@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from acr.checkpoint import load_state
@@ -18,11 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    # 4 logical CPUs: two 1-CPU workers plus Ray's own actors never wait on each other on a 2-core machine.
-    ray.init(num_cpus=4, include_dashboard=False)
+def ray_cluster(ray_local):
     yield
-    ray.shutdown()
 
 
 def _cfg(cache_dir, extra):
@@ -83,3 +79,36 @@ def test_train_evaluates_checkpoints_and_resumes(ray_cluster, cache_dir, tmp_pat
     assert [s["epoch"] for s in hist["steps"]] == [0, 0, 1, 1]
     state = load_state(json.loads((run / "summary.json").read_text())["checkpoint"])
     assert state["epoch"] == 2 and state["counters"]["cls_steps"] == 4
+
+
+def test_corrupt_row_stops_naming_it_or_is_skipped_and_counted(ray_cluster, cache_dir, tmp_path):
+    from acr.data.shards import write_shards
+    from acr.data.sources import dataset_root
+    from acr.data.voc import DataError
+    from tests.test_shards import corrupt_one_row
+
+    base = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4", "eval.enabled=false"]
+    root = dataset_root(_cfg(cache_dir, base))
+    out = tmp_path / "shards"
+    manifest = write_shards("synthetic", root, out, 6, shard_rows=8, progress=False)
+    # the stream's first two global batches of epoch 0 hold these 8 images; break one of them
+    first = _cfg(cache_dir, base + [f"data.shards={out}"])
+    from acr.data.ingest import epoch_permutation
+    victim = manifest["splits"]["train"]["shards"][0]["first_index"] + int(
+        epoch_permutation(32, first.train.seed, 0)[1])
+    victim_id = f"train_{victim:05d}"
+    corrupt_one_row(out, manifest, "train", victim_id)
+    with pytest.raises(DataError, match=f"row id '{victim_id}' of shard .*part-0000"):
+        run_training(first, tmp_path / "stop")
+    summary = run_training(_cfg(cache_dir, base + [f"data.shards={out}", "data.skip_corrupt=true"]), tmp_path / "skip")
+    assert summary["skipped_corrupt"] == 1 and summary["skipped_corrupt_ids"] == [victim_id]
+    assert summary["train_images"] == 31 and summary["dropped_per_epoch"] == 31 - 2 * 4
+
+
+def test_coco_trains_and_evaluates(ray_cluster, coco_mini, cache_dir, tmp_path):
+    cfg = _cfg(cache_dir, ["data.format=coco", f"data.root={coco_mini}", "data.num_classes=80",
+                           "data.train_split=val2017", "eval.split=val2017", "train.epochs=1", "train.batch_size=4",
+                           "train.max_steps_per_epoch=1"])
+    summary = run_training(cfg, tmp_path / "coco")
+    assert summary["train_images"] == 10 and summary["num_images"] == 10 and summary["dropped_per_epoch"] == 6
+    assert 0 <= summary["cam_miou"] <= 1 and len(summary["per_class_iou"]) == 81

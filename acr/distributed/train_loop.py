@@ -1,6 +1,6 @@
 """The per-worker training function run by Ray Train's TorchTrainer.
 
-[1] each worker builds its data slice and both networks; [2] the trained networks are wrapped for DDP by
+[1] each worker takes its share of the Ray Data training stream (acr.data.ingest) and builds both networks; [2] the trained networks are wrapped for DDP by
 `ray.train.torch.prepare_model` (gloo on CPU, NCCL on GPU); [3] every epoch (and every N steps if configured) all
 workers call `ray.train.report`, rank 0 attaching the checkpoint; [4] after training the eval split is scored by all
 workers (each a strided share of the images, confusion matrices summed) and the result is reported with the final
@@ -20,13 +20,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from acr.cam import evaluate_image, infer_cams
 from acr.checkpoint import load_state, save_state
 from acr.config import Config, config_from_dict, num_classes, to_dict
-from acr.data.dataset import CALIBRATION_EPOCH, EvalDataset, TrainDataset, WorkerBatchSampler
-from acr.data.sources import class_names, load_split
+from acr.data.ingest import CALIBRATION_EPOCH, TrainPlan, TrainRows, augment_kwargs, eval_item
+from acr.data.voc import DataError
 from acr.method.acr import unwrap
 from acr.method.optim import build_optimizer
 from acr.method.schedules import srf_probability
@@ -38,6 +37,7 @@ from acr.viz import save_cam_overlays
 
 EVAL_FILE = "eval.json"
 HISTORY_FILE = "history.json"
+PROGRESS_FILE = "progress.json"
 OVERLAYS_FILE = "cam_overlays.png"
 
 
@@ -108,6 +108,9 @@ class RaySession:
     def get_checkpoint(self):
         return ray.train.get_checkpoint()
 
+    def get_dataset_shard(self, name: str):
+        return ray.train.get_dataset_shard(name)
+
     def report(self, metrics: dict, folder: Path | None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
 
@@ -121,14 +124,18 @@ class LocalSession:
     """The same loop in this process, without Ray (one worker): the plain PyTorch baseline of the benchmarks.
     Checkpoints are copied to `folder/checkpoint_NNNNNN`; `reports` keeps every reported metrics dict."""
 
-    def __init__(self, folder: Path, device: torch.device | str = "cpu"):
+    def __init__(self, folder: Path, datasets: dict, device: torch.device | str = "cpu"):
         self.rank, self.world, self.device = 0, 1, torch.device(device)
+        self.datasets = datasets
         self.folder = Path(folder)
         self.reports: list[dict] = []
         self.last_checkpoint: Path | None = None
 
     def get_checkpoint(self):
         return None
+
+    def get_dataset_shard(self, name: str):
+        return self.datasets[name].iterator()
 
     def report(self, metrics: dict, folder: Path | None) -> None:
         self.reports.append(metrics)
@@ -149,9 +156,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def run_worker(loop_config: dict, session) -> None:
+    """`loop_config`: {"config": to_dict(cfg), "shards": URI, "manifest": dict, "plan": TrainPlan dict} (see
+    acr.distributed.trainer.prepare_run); `session` gives rank, device, checkpoints and the Ray Data shards."""
     cfg = config_from_dict(loop_config["config"])
-    data_root = Path(loop_config["data_root"])
+    uri, manifest, plan = loop_config["shards"], loop_config["manifest"], TrainPlan(**loop_config["plan"])
     rank, world, device = session.rank, session.world, session.device
+    if plan.world != world:
+        raise ValueError(f"the training stream was cut for {plan.world} workers, this run has {world}")
     if cfg.train.precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError("train.precision=bf16: this CPU has no oneDNN bf16 kernels (they need AVX512-BF16 or AMX); "
                          "bf16 convolutions would fall back to a path hundreds of times slower. Use fp32 here.")
@@ -160,17 +171,9 @@ def run_worker(loop_config: dict, session) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker, whatever their number
 
     # [1] data and networks
-    records = load_split(cfg, cfg.data.train_split, root=data_root)
-    g = cfg.method.srf.grid_size
-    dataset = TrainDataset(records, num_classes(cfg), cfg.train.seed, cfg.augment.resize_mode,
-                           cfg.augment.resize_range, cfg.augment.crop_size, cfg.augment.flip, g)
-    steps_per_epoch = len(records) // cfg.train.batch_size
-    if cfg.train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise ValueError(f"split '{cfg.data.train_split}' has {len(records)} images, fewer than the global batch "
-                         f"train.batch_size={cfg.train.batch_size}")
+    steps_per_epoch = plan.steps_per_epoch
     max_step = steps_per_epoch * (cfg.optim.schedule_epochs or cfg.train.epochs)
+    rows = TrainRows(uri, manifest, plan.to_dict(), num_classes(cfg), augment_kwargs(cfg), cfg.method.srf.grid_size)
 
     classifier = build_classifier(cfg)
     mode = cfg.method.reconstructor
@@ -203,8 +206,9 @@ def run_worker(loop_config: dict, session) -> None:
 
     if checkpoint is None and cfg.model.pretrained is None and cfg.model.freeze_bn and cfg.model.bn_calibration_images:
         # Random init: estimate the frozen BatchNorm statistics from the same training images on every worker.
-        calib = [torch.stack([dataset[(CALIBRATION_EPOCH, i)]["image"] for i in range(j, min(j + 8, len(dataset)))]).to(device)
-                 for j in range(0, min(cfg.model.bn_calibration_images, len(dataset)), 8)]
+        first = plan.indices[: cfg.model.bn_calibration_images]
+        images = torch.from_numpy(rows.decode(np.full(len(first), CALIBRATION_EPOCH), np.array(first))["image"])
+        calib = [images[j:j + 8].to(device) for j in range(0, len(images), 8)]
         for net in (None if cfg.method.init_classifier else classifier, reconstructor):
             if net is not None:
                 net.to(device)
@@ -249,23 +253,30 @@ def run_worker(loop_config: dict, session) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save_state(Path(tmp), state)
             (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+            (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch, "step_in_epoch": step_in_epoch}))
             if extra:
                 extra(Path(tmp))
             session.report(metrics, Path(tmp))
 
-    # [3] training
+    # [3] training: one pass over this worker's share of the stream, which holds every remaining epoch
+    batches = iter(session.get_dataset_shard("train").iter_torch_batches(
+        batch_size=cfg.train.batch_size // world, prefetch_batches=cfg.data.prefetch_batches, device="cpu",
+        drop_last=False))
+    for _ in range(plan.batches_before(start_epoch, start_step)):  # restarted from a later checkpoint
+        next(batches)
     collate_keys = ("image", "labels", "target_u", "grid_u")
     for epoch in range(start_epoch, cfg.train.epochs):
         q = srf_probability(cfg.method.srf, epoch)
-        sampler = WorkerBatchSampler(len(records), cfg.train.batch_size, rank, world, cfg.train.seed, epoch,
-                                     start_step=start_step, max_steps=steps_per_epoch)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers)
         sums: dict[str, float] = {}
         n_steps, t_steps = 0, 0.0
         step = start_step
         t_prev = time.perf_counter()
-        for batch in loader:
+        for _ in range(start_step, steps_per_epoch):
+            batch = next(batches, None)
             t0 = time.perf_counter()  # t0 - t_prev: waiting for data
+            if batch is None or bool((batch["epoch"] != epoch).any()):
+                raise RuntimeError(f"the training stream is out of step: epoch {epoch} step {step} received "
+                                   f"{'nothing' if batch is None else 'rows of epoch ' + str(batch['epoch'].tolist())}")
             batch = {k: batch[k].to(device, dtype=dtype if batch[k].is_floating_point() else None,
                                     non_blocking=True) for k in collate_keys}
             out = train_step(classifier, reconstructor, opt_cls, opt_rec, batch, cfg, q, max_step, counters,
@@ -293,6 +304,7 @@ def run_worker(loop_config: dict, session) -> None:
         speed = float(reduce_mean(torch.tensor(n_steps * cfg.train.batch_size / world / max(t_steps, 1e-9))) * world)
         epoch_stats = {"epoch": epoch, **dict(zip(keys, means)), "srf_q": q, "images_per_second": speed,
                        "skipped_steps": counters.skipped_steps, "peak_rss_mb": peak_rss_mb(),
+                       "dropped_images": plan.dropped_per_epoch,
                        "replica_divergence": replica_divergence(classifier, reconstructor)}
         if mode == "adversarial":  # after the epoch's last CU step G holds no gradients
             epoch_stats["reconstructor_grads_after_cu"] = sum(p.grad is not None for p in reconstructor.parameters())
@@ -312,26 +324,25 @@ def run_worker(loop_config: dict, session) -> None:
         return
     if rank == 0:
         print(f"evaluating CAMs on split '{cfg.eval.split}'", flush=True)
-    result, overlays = evaluate_split(unwrap(classifier), cfg, data_root, device, rank, world)
+    result, overlays = evaluate_split(unwrap(classifier), cfg, session.get_dataset_shard("eval"), uri, rank, world,
+                                      device)
     last = history["epochs"][-1] if history["epochs"] else {}
 
     def write_eval(folder: Path) -> None:
         (folder / EVAL_FILE).write_text(json.dumps(result, indent=1))
-        save_cam_overlays(folder / OVERLAYS_FILE, overlays, class_names(cfg, data_root), result["threshold"])
+        save_cam_overlays(folder / OVERLAYS_FILE, overlays, manifest["class_names"], result["threshold"])
 
     report({**last, "epoch": final_epoch, "cam_miou": result["cam_miou"], "precision": result["precision"],
             "recall": result["recall"], "threshold": result["threshold"]}, final_epoch, 0, extra=write_eval)
 
 
-def evaluate_split(classifier: torch.nn.Module, cfg: Config, data_root: Path, device: torch.device, rank: int,
-                   world: int) -> tuple[dict, list[dict]]:
-    """CAM quality on `eval.split`: each worker infers CAMs for images rank, rank+W, ...; the confusion matrices
-    are summed over workers; the background threshold is swept and the best mIoU reported with its precision and
-    recall. Also scores the two floors. Rank 0 returns the first `eval.overlays` images for pictures."""
-    records = load_split(cfg, cfg.eval.split, require_masks=True, root=data_root)
-    if cfg.eval.max_images:
-        records = records[: cfg.eval.max_images]
-    ds = EvalDataset(records, num_classes(cfg))
+def evaluate_split(classifier: torch.nn.Module, cfg: Config, eval_rows, shards: str, rank: int, world: int,
+                   device: torch.device) -> tuple[dict, list[dict]]:
+    """CAM quality on `eval.split`: `eval_rows` iterates the whole split (read_parquet rows, not split among
+    workers); worker r scores rows r, r+W, ...; the confusion matrices are summed over workers; the background
+    threshold is swept and the best mIoU reported with its precision and recall. Also scores the two floors. Rank 0
+    returns the first `eval.overlays` images for pictures. An undecodable row stops with an error naming it, or with
+    data.skip_corrupt is skipped and counted (`skipped_corrupt`)."""
     thresholds = thresholds_from(cfg.eval.thresholds)
     n = num_classes(cfg) + 1
     sweep = np.zeros((len(thresholds), n, n), np.int64)
@@ -339,12 +350,26 @@ def evaluate_split(classifier: torch.nn.Module, cfg: Config, data_root: Path, de
     floor_whole = np.zeros((n, n), np.int64)
     overlays = []
     classifier.eval()
-    mine = range(rank, len(ds), world)
-    every = max(1, len(mine) // 10)
-    for j, i in enumerate(mine):
-        if rank == 0 and j % every == 0 and j:
-            print(f"  CAMs: {j}/{len(mine)} images (rank 0 of {world})", flush=True)
-        item = ds[i]
+    skipped = 0
+    total = 0
+    for j, row in enumerate(eval_rows.iter_rows()):
+        if cfg.eval.max_images and j >= cfg.eval.max_images:
+            break
+        total += 1
+        if j % world != rank:
+            continue
+        if rank == 0 and j and j % 20 == 0:
+            print(f"  CAMs: {j} images (rank 0 of {world})", flush=True)
+        where = f"row id '{row['id']}' of the {cfg.eval.split} shards in {shards}"
+        try:
+            item = eval_item(row, num_classes(cfg), where)
+        except (DataError, ValueError):
+            if not cfg.data.skip_corrupt:
+                raise
+            skipped += 1
+            continue
+        if item["mask"] is None:
+            raise DataError(f"{where} has no ground-truth mask; eval.split must have masks")
         dtype = next(classifier.parameters()).dtype
         cams = infer_cams(classifier, item["image"].to(device, dtype), item["labels"].to(device, dtype),
                           cfg.eval.scales, cfg.eval.flip).float().cpu().numpy()
@@ -356,13 +381,34 @@ def evaluate_split(classifier: torch.nn.Module, cfg: Config, data_root: Path, de
             overlays.append({**{k: item[k] for k in ("id", "raw", "mask")}, "labels": item["labels"].numpy(),
                              "cams": cams})
     sweep, floor_bg, floor_whole = (reduce_sum_numpy(a) for a in (sweep, floor_bg, floor_whole))
+    skipped = int(reduce_sum_numpy(np.array([skipped]))[0])
     per_t = [scores(c) for c in sweep]
     best = int(np.argmax([s["miou"] for s in per_t]))
     return {
-        "split": cfg.eval.split, "num_images": len(ds),
+        "split": cfg.eval.split, "num_images": total - skipped, "eval_skipped_corrupt": skipped,
         "cam_miou": per_t[best]["miou"], "precision": per_t[best]["precision"], "recall": per_t[best]["recall"],
         "threshold": float(thresholds[best]), "per_class_iou": per_t[best]["iou"],
         "sweep": {"thresholds": thresholds.tolist(), "miou": [s["miou"] for s in per_t],
                   "precision": [s["precision"] for s in per_t], "recall": [s["recall"] for s in per_t]},
         "floor_background_miou": scores(floor_bg)["miou"], "floor_whole_image_miou": scores(floor_whole)["miou"],
     }, overlays
+
+
+def stream_probe(config: dict) -> None:
+    """A TorchTrainer function that only pulls this worker's share of the training stream, as training would, and
+    reports what arrived: the delivery rate after `warmup` batches and, if `record_dir` is given, every batch's
+    epochs, image indices and target uniforms in `record_dir/rank<r>.json` (for tests and benchmarks/data_throughput)."""
+    rank = ray.train.get_context().get_world_rank()
+    it = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=config["per_worker"], prefetch_batches=config.get("prefetch", 2), device="cpu")
+    batches, n, t0 = [], 0, None
+    for i, b in enumerate(it):
+        if i == config.get("warmup", 0):
+            t0 = time.perf_counter()
+        elif t0 is not None:
+            n += len(b["index"])
+        batches.append({"epoch": b["epoch"].tolist(), "index": b["index"].tolist(),
+                        "target_u": b["target_u"].tolist(), "shape": list(b["image"].shape)})
+    if config.get("record_dir"):
+        (Path(config["record_dir"]) / f"rank{rank}.json").write_text(json.dumps(batches))
+    ray.train.report({"images_per_second": n / (time.perf_counter() - t0) if n else float("nan")})

@@ -1,21 +1,29 @@
-"""The driver side of a training run: validate the data, start or join Ray, fit a TorchTrainer, and turn the final
-checkpoint into the run folder's summary.json, pictures and config."""
+"""The driver side of a training run: shards for the data (converted from the folder on first use), the Ray Data
+streams, start or join Ray, fit a TorchTrainer, and turn the final checkpoint into the run folder's summary.json,
+pictures and config."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import ray
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 
-from acr.config import Config, dump_yaml, to_dict
-from acr.data.sources import dataset_root, load_split
-from acr.distributed.train_loop import EVAL_FILE, HISTORY_FILE, OVERLAYS_FILE, train_loop_per_worker
+from acr.config import Config, dump_yaml, num_classes, to_dict
+from acr.data.ingest import eval_dataset, make_plan, train_dataset
+from acr.data.shards import ShardIndex, find_corrupt_rows
+from acr.data.sources import ensure_shards
+from acr.distributed.train_loop import (EVAL_FILE, HISTORY_FILE, OVERLAYS_FILE, PROGRESS_FILE, LocalSession, run_worker,
+                                        train_loop_per_worker)
 from acr.viz import save_curves
 
 # Ray Train V2 polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and each report() waits for a poll.
@@ -31,6 +39,14 @@ def _quiet_placement_group_cleaner() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+def local_num_cpus(cfg: Config) -> int:
+    """Logical CPUs of a local Ray: the training workers' plus the Ray Data decode actors' plus one for Ray Data's
+    small tasks. Ray Data needs CPUs of its own, or its tasks never run while the workers hold theirs (a silent
+    deadlock); the logical count may exceed the cores, the OS shares them."""
+    workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    return int(math.ceil(max(os.cpu_count() or 1, workers) + cfg.data.decode_actors * cfg.data.decode_cpus + 1))
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster named by `ray.address` or RAY_ADDRESS (e.g. under `ray job submit`), else start a local one."""
     if ray.is_initialized():
@@ -44,16 +60,70 @@ def init_ray(cfg: Config) -> None:
             os.environ.setdefault(k, v)
         if not cfg.ray.include_dashboard:
             runtime_env["worker_process_setup_hook"] = _quiet_placement_group_cleaner
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard, runtime_env=runtime_env)
+        ray.init(num_cpus=cfg.ray.num_cpus or local_num_cpus(cfg), include_dashboard=cfg.ray.include_dashboard,
+                 runtime_env=runtime_env)
 
 
-def build_trainer(cfg: Config, output_dir: Path, data_root: Path) -> TorchTrainer:
+def resume_point(output_dir: Path) -> tuple[int, int]:
+    """(epoch, step) of the latest checkpoint a previous run left in `output_dir` ((0, 0) if none)."""
+    points = [(0, 0)]
+    for f in Path(output_dir).glob(f"checkpoint_*/{PROGRESS_FILE}"):
+        try:
+            d = json.loads(f.read_text())
+            points.append((int(d["epoch"]), int(d["step_in_epoch"])))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(points)
+
+
+def prepare_run(cfg: Config, start: tuple[int, int] = (0, 0), progress: bool = True,
+                world: int | None = None) -> tuple[dict, dict, dict]:
+    """(loop_config, datasets, data_info) of a run: the shards (converted if need be), the usable training images
+    (rows that do not decode are left out with data.skip_corrupt, else they stop the run where met), the training
+    stream from `start` (epoch, step) cut for scaling.num_workers, and the eval split's read_parquet dataset."""
+    uri, manifest = ensure_shards(cfg, progress=progress)
+    split = cfg.data.train_split
+    indices = ShardIndex(manifest, split).indices
+    corrupt = find_corrupt_rows(uri, manifest, split) if cfg.data.skip_corrupt else []
+    if corrupt:
+        bad = {r["index"] for r in corrupt}
+        indices = [i for i in indices if i not in bad]
+    start_epoch = min(start[0], cfg.train.epochs)
+    plan = make_plan(indices, cfg, world or cfg.scaling.num_workers, start_epoch, start[1] if start_epoch < cfg.train.epochs else 0)
+    datasets = {"train": train_dataset(uri, manifest, plan, cfg, num_classes(cfg))}
+    if cfg.eval.enabled:
+        datasets["eval"] = eval_dataset(uri, manifest, cfg.eval.split)
+    info = {"shards": uri, "train_images": len(indices), "dropped_per_epoch": plan.dropped_per_epoch,
+            "train_skipped_corrupt": len(manifest["splits"][split]["skipped"]) + len(corrupt),
+            "skipped_corrupt_ids": [r["id"] for r in manifest["splits"][split]["skipped"] + corrupt]}
+    loop_config = {"config": to_dict(cfg), "shards": uri, "manifest": manifest, "plan": plan.to_dict()}
+    return loop_config, datasets, info
+
+
+def run_local(cfg: Config, folder: Path, device: torch.device | str = "cpu") -> LocalSession:
+    """The training loop in this process, one worker, no Ray Train (the plain PyTorch loop of the benchmarks), fed
+    by the same Ray Data stream; returns the session with every report and the last checkpoint."""
+    init_ray(cfg)
+    loop_config, datasets, _ = prepare_run(cfg, progress=False, world=1)
+    session = LocalSession(Path(folder), datasets, device)
+    run_worker(loop_config, session)
+    return session
+
+
+def build_trainer(cfg: Config, output_dir: Path, loop_config: dict, datasets: dict,
+                  train_fn=train_loop_per_worker) -> TorchTrainer:
+    """The TorchTrainer of a run: `datasets["train"]` is split among the workers in order, `datasets["eval"]` is
+    given whole to each."""
     output_dir = Path(output_dir).resolve()
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True  # the stream's order is the epoch's permutation (acr.data.ingest)
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "data_root": str(data_root)},
+        train_fn,
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=options),
         run_config=ray.train.RunConfig(
             name=output_dir.name, storage_path=str(output_dir.parent),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
@@ -68,25 +138,40 @@ def root_cause(error: BaseException) -> BaseException:
     failures = getattr(error, "worker_failures", None)
     if failures:
         error = failures[min(failures)]
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else error
+    # Follow the chain (Ray's RayTaskError.cause, Ray Data's UserCodeException.__cause__) to the first exception
+    # that this library raised, e.g. the DataError of a Ray Data decode actor; else to the deepest one.
+    chain, e = [], error
+    while isinstance(e, BaseException) and e not in chain:
+        chain.append(e)
+        if type(e).__module__.split(".")[0] == "acr":
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+    # Ray Data hands a UDF's failure over as UserCodeException with the original only in the remote traceback text.
+    for e in chain:
+        found = re.findall(r"^(acr(?:\.\w+)+)\.(\w+): (.+)$", str(e), flags=re.M)
+        if found:
+            module, name, message = found[-1]
+            cls = getattr(importlib.import_module(module), name, None)
+            if isinstance(cls, type) and issubclass(cls, Exception):
+                return cls(message)
+    return chain[-1] if len(chain) > 1 else error
 
 
 def run_training(cfg: Config, output_dir: str | Path) -> dict:
     """Train (or resume) in `output_dir`, evaluate, and write `output_dir/summary.json`; returns the summary."""
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    root = dataset_root(cfg)
-    # Fail fast, before any worker starts, on a bad dataset: every error names the file or image id.
-    n_train = len(load_split(cfg, cfg.data.train_split, root=root))
-    if cfg.eval.enabled:
-        load_split(cfg, cfg.eval.split, require_masks=True, root=root)
     (output_dir / "config.yaml").write_text(dump_yaml(cfg))
     init_ray(cfg)
-    result = build_trainer(cfg, output_dir, root).fit()
+    # Fail fast, before any worker starts, on bad data: every error names the file, shard or image id.
+    loop_config, datasets, data_info = prepare_run(cfg, resume_point(output_dir))
+    try:
+        result = build_trainer(cfg, output_dir, loop_config, datasets).fit()
+    except ray.train.TrainingFailedError as exc:
+        raise root_cause(exc) from exc
     if result.error is not None:
         raise root_cause(result.error) from result.error
-    summary = {"epochs": cfg.train.epochs, "train_images": n_train, "dataset_root": str(root),
+    summary = {"epochs": cfg.train.epochs, **data_info,
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     metrics = result.metrics or {}
     if result.checkpoint is not None:
@@ -105,6 +190,7 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict:
         if "sweep" in summary:
             save_curves(output_dir / "curves.png", epochs, np.array(summary["sweep"]["thresholds"]),
                         summary["sweep"]["miou"])
+    summary["skipped_corrupt"] = summary["train_skipped_corrupt"] + summary.get("eval_skipped_corrupt", 0)
     summary["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     summary["config"] = to_dict(cfg)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,55 @@
+"""The Ray Data training stream through real TorchTrainer workers: each image at most once per epoch, equal batches
+per worker, deterministic order, and the same global batches for 1 and 2 workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from acr.config import load_config
+from acr.data.ingest import epoch_permutation
+from acr.distributed.train_loop import stream_probe
+from acr.distributed.trainer import build_trainer, prepare_run
+from tests.conftest import TINY_OVERRIDES
+
+pytestmark = pytest.mark.slow
+
+
+def _stream(cfg, workers: int, out: Path, start=(0, 0)) -> tuple[list[list[dict]], dict]:
+    cfg.scaling.num_workers = workers
+    cfg.scaling.cpus_per_worker = 0.5
+    loop_config, datasets, info = prepare_run(cfg, start=start, progress=False)
+    out.mkdir(parents=True)
+    trainer = build_trainer(cfg, out / "run", {"per_worker": cfg.train.batch_size // workers, "record_dir": str(out)},
+                            datasets, train_fn=stream_probe)
+    result = trainer.fit()
+    assert result.error is None, result.error
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)], {**info, **loop_config["plan"]}
+
+
+def test_two_workers_see_each_image_once_per_epoch_in_the_one_worker_order(ray_local, cache_dir, tmp_path):
+    # 32 images, global batch 6: 5 steps, 2 images dropped per epoch (a different pair each epoch)
+    cfg = load_config(None, TINY_OVERRIDES + [f"data.cache_dir={cache_dir}", "train.epochs=2", "train.batch_size=6",
+                                              "eval.enabled=false"])
+    two, plan = _stream(cfg, 2, tmp_path / "w2")
+    one, _ = _stream(cfg, 1, tmp_path / "w1")
+    assert plan["steps_per_epoch"] == 5 and plan["batch_size"] == 6 and len(plan["indices"]) == 32
+    assert len(two[0]) == len(two[1]) == 10 and len(one[0]) == 10  # every worker the same number of batches
+    for k in range(10):
+        epoch = k // 5
+        assert two[0][k]["epoch"] == two[1][k]["epoch"] == [epoch] * 3
+        assert two[0][k]["shape"] == [3, 3, 64, 64]
+        # global batch k is the same for 1 and 2 workers, images and per-image randomness alike
+        assert two[0][k]["index"] + two[1][k]["index"] == one[0][k]["index"]
+        assert two[0][k]["target_u"] + two[1][k]["target_u"] == pytest.approx(one[0][k]["target_u"])
+    for epoch in range(2):
+        seen = [i for b in one[0][epoch * 5:(epoch + 1) * 5] for i in b["index"]]
+        assert len(seen) == len(set(seen)) == 30  # at most once per epoch; 32 - 30 = 2 dropped
+        assert seen == epoch_permutation(32, cfg.train.seed, epoch)[:30].tolist()  # deterministic: seed and epoch
+    assert plan["steps_per_epoch"] * 6 + 2 == 32
+    # a run resumed at epoch 1 step 3 starts its stream exactly there
+    resumed, _ = _stream(cfg, 2, tmp_path / "r", start=(1, 3))
+    assert [b["index"] for b in resumed[0]] == [b["index"] for b in two[0][8:]]
