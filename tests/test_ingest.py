@@ -27,7 +27,8 @@ def _stream(cfg, workers: int, out: Path, start=(0, 0)) -> tuple[list[list[dict]
                             datasets, train_fn=stream_probe)
     result = trainer.fit()
     assert result.error is None, result.error
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)], {**info, **loop_config["plan"]}
+    return ([json.loads((out / f"rank{r}.json").read_text())["batches"] for r in range(workers)],
+            {**info, **loop_config["plan"]})
 
 
 def test_two_workers_see_each_image_once_per_epoch_in_the_one_worker_order(ray_local, cache_dir, tmp_path):

@@ -132,9 +132,11 @@ def train_dataset(uri: str, manifest: dict, plan: TrainPlan, cfg, num_classes: i
     import ray.data
 
     per_worker = plan.batch_size // plan.world
-    ds = ray.data.range(plan.total_rows, override_num_blocks=max(1, min(64, plan.total_rows // per_worker)))
-    ds = ds.map_batches(TrainRows, batch_size=per_worker, concurrency=cfg.data.decode_actors,
-                        num_cpus=cfg.data.decode_cpus,
+    # Decode in calls of ~64 rows (fewer, larger Ray tasks and blocks); the repartition then cuts exact B/W blocks.
+    per_call = max(per_worker, 64)
+    ds = ray.data.range(plan.total_rows, override_num_blocks=max(1, min(256, plan.total_rows // per_call)))
+    ds = ds.map_batches(TrainRows, batch_size=per_call, num_cpus=cfg.data.decode_cpus,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.data.decode_actors),
                         fn_constructor_args=(str(uri), manifest, plan.to_dict(), num_classes, augment_kwargs(cfg),
                                              cfg.method.srf.grid_size))
     ds = ds.repartition(target_num_rows_per_block=per_worker, strict=True)

@@ -396,8 +396,8 @@ def evaluate_split(classifier: torch.nn.Module, cfg: Config, eval_rows, shards: 
 
 def stream_probe(config: dict) -> None:
     """A TorchTrainer function that only pulls this worker's share of the training stream, as training would, and
-    reports what arrived: the delivery rate after `warmup` batches and, if `record_dir` is given, every batch's
-    epochs, image indices and target uniforms in `record_dir/rank<r>.json` (for tests and benchmarks/data_throughput)."""
+    writes what arrived to `record_dir/rank<r>.json`: the delivery rate after `warmup` batches and every batch's
+    epochs, image indices and target uniforms (for tests and benchmarks/data_throughput)."""
     rank = ray.train.get_context().get_world_rank()
     it = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=config["per_worker"], prefetch_batches=config.get("prefetch", 2), device="cpu")
@@ -409,6 +409,7 @@ def stream_probe(config: dict) -> None:
             n += len(b["index"])
         batches.append({"epoch": b["epoch"].tolist(), "index": b["index"].tolist(),
                         "target_u": b["target_u"].tolist(), "shape": list(b["image"].shape)})
+    rate = n / (time.perf_counter() - t0) if n else float("nan")
     if config.get("record_dir"):
-        (Path(config["record_dir"]) / f"rank{rank}.json").write_text(json.dumps(batches))
-    ray.train.report({"images_per_second": n / (time.perf_counter() - t0) if n else float("nan")})
+        (Path(config["record_dir"]) / f"rank{rank}.json").write_text(json.dumps({"images_per_second": rate,
+                                                                                "batches": batches}))
