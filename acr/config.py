@@ -204,6 +204,31 @@ class EvalConfig:
     thresholds: list[float] = field(default_factory=lambda: [0.05, 0.60, 0.01])
     max_images: int | None = None
     overlays: int = 8
+    # Also score the CAMs after every epoch (reported with the epoch's metrics; what Tune's scheduler reads).
+    every_epoch: bool = False
+
+
+@dataclass
+class TuneConfig:
+    """ray_jobs/tune.py: Ray Tune + Optuna (TPE) over a search space file (search_spaces/)."""
+
+    num_samples: int = 4
+    # Trials at the same time (each runs a TorchTrainer with scaling.num_workers workers).
+    max_concurrent: int = 1
+    # Trials are scored (CAM mIoU per epoch) on this split, whose pixel labels are used for the selection; the best
+    # trial is then scored on eval.split, which must be a different split, and that is the number to report.
+    select_split: str = "train"
+    select_max_images: int | None = 64
+    seed: int = 0
+    # Asynchronous successive halving: stop trials whose CAM mIoU is in the lower part at an epoch milestone.
+    asha: bool = True
+    grace_period: int = 1
+    reduction_factor: int = 2
+    # The Optuna study: a SQLAlchemy URL (null = sqlite:///<output-dir>/study.db), openable with optuna-dashboard.
+    storage: str | None = None
+    study_name: str = "acr"
+    # CPU reserved for each trial's driver (the function that starts its TorchTrainer); must be > 0.
+    trial_cpus: float = 0.1
 
 
 @dataclass
@@ -236,6 +261,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -448,6 +474,8 @@ def validate(cfg: Config) -> None:
     elif cfg.data.shards is None:
         need(cfg.data.root is not None, f"data.format={cfg.data.format} needs data.root (or data.shards)")
     need(cfg.data.shard_rows >= 1, f"data.shard_rows must be >= 1, got {cfg.data.shard_rows}")
+    need(cfg.tune.num_samples >= 1, f"tune.num_samples must be >= 1, got {cfg.tune.num_samples}")
+    need(cfg.tune.trial_cpus > 0, f"tune.trial_cpus must be > 0 (Ray Tune rejects 0), got {cfg.tune.trial_cpus}")
     need(cfg.data.decode_actors >= 1, f"data.decode_actors must be >= 1, got {cfg.data.decode_actors}")
     need(cfg.data.decode_cpus > 0, f"data.decode_cpus must be > 0, got {cfg.data.decode_cpus}")
     need(cfg.data.prefetch_batches >= 0, f"data.prefetch_batches must be >= 0, got {cfg.data.prefetch_batches}")
@@ -457,6 +485,15 @@ def validate(cfg: Config) -> None:
 def num_classes(cfg: Config) -> int:
     """Foreground classes of the configured dataset."""
     return cfg.synthetic.num_classes if cfg.data.format == "synthetic" else cfg.data.num_classes
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any], source: str = "overrides") -> Config:
+    """A new validated Config with dotted `key: value` pairs set (e.g. a Tune trial's sampled values)."""
+    tree = to_dict(cfg)
+    for key, value in values.items():
+        _check_keys({key: value}, tree, "", source, dotted=True)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,11 @@ def test_ray_job_submit_to_local_head(cache_dir, tmp_path):
                   "python", "ray_jobs/train.py", "--output-dir", str(out), "train.epochs=1",
                   "train.max_steps_per_epoch=1", "synthetic.train_images=16", "synthetic.val_images=4",
                   "eval.scales=[1.0]", f"data.cache_dir={cache_dir}"]
-        proc = subprocess.run(submit, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+        for _ in range(12):  # the head's job agent comes up a few seconds after `ray start` returns
+            proc = subprocess.run(submit, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+            if "No available agent to submit job" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(5)
         assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
         assert "succeeded" in proc.stdout
         summary = json.loads((out / "summary.json").read_text())

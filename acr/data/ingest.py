@@ -14,8 +14,8 @@ workers in turn, so global batch k is stream rows kB..kB+B-1 for any W: a 2-work
 are dropped (a different set each epoch) and reported. The rows are read by index (one Parquet row group per image),
 so no all-to-all shuffle moves image bytes, and a resumed run starts its stream at the checkpoint's epoch and step.
 
-Evaluation: ``ray.data.read_parquet`` of the eval split, not split among workers; each worker scores the rows
-rank, rank + W, ... and the confusion matrices are summed.
+Evaluation: the eval split is not split among workers: each reads it whole from its shards (:class:`EvalRows`) and
+scores the rows rank, rank + W, ...; the confusion matrices are summed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes, shard_paths
+from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes
+from acr.data.voc import DataError
 from acr.data.transforms import to_chw_normalized, train_transform
 
 # The "epoch" whose augmentations feed BatchNorm calibration at initialisation (never a training epoch).
@@ -145,14 +146,27 @@ def train_dataset(uri: str, manifest: dict, plan: TrainPlan, cfg, num_classes: i
     return ds
 
 
-def eval_dataset(uri: str, manifest: dict, split: str):
-    import ray.data
+class EvalRows:
+    """The eval split's rows in order, read from its shards with pyarrow, one shard at a time. Evaluation runs in
+    every worker over the whole split (each scores every W-th row): a plain reader avoids starting Ray Data tasks per
+    epoch for a split that every worker reads anyway."""
 
-    ds = ray.data.read_parquet(shard_paths(manifest, uri, split)).select_columns(["id", "index", "image", "labels",
-                                                                                 "mask"])
-    ds.context.execution_options.preserve_order = True
-    ds.context.enable_progress_bars = False  # the evaluation prints its own progress
-    return ds
+    def __init__(self, uri: str, manifest: dict, split: str):
+        self.uri, self.manifest, self.split = str(uri), manifest, split
+
+    def iter_rows(self):
+        import pyarrow.parquet as pq
+
+        from acr.data.shards import _filesystem
+
+        fs, base = _filesystem(self.uri)
+        for shard in self.manifest["splits"][self.split]["shards"]:
+            try:
+                table = pq.read_table(fs.open_input_file(f"{base}/{shard['file']}"),
+                                      columns=["id", "index", "image", "labels", "mask"])
+            except (OSError, ValueError) as exc:
+                raise DataError(f"cannot read shard {self.uri}/{shard['file']}: {exc}") from exc
+            yield from table.to_pylist()
 
 
 def eval_item(row: dict, num_classes: int, where: str) -> dict:

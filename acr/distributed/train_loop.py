@@ -24,7 +24,7 @@ import torch.distributed as dist
 from acr.cam import evaluate_image, infer_cams
 from acr.checkpoint import load_state, save_state
 from acr.config import Config, config_from_dict, num_classes, to_dict
-from acr.data.ingest import CALIBRATION_EPOCH, TrainPlan, TrainRows, augment_kwargs, eval_item
+from acr.data.ingest import CALIBRATION_EPOCH, EvalRows, TrainPlan, TrainRows, augment_kwargs, eval_item
 from acr.data.voc import DataError
 from acr.method.acr import unwrap
 from acr.method.optim import build_optimizer
@@ -308,6 +308,11 @@ def run_worker(loop_config: dict, session) -> None:
                        "replica_divergence": replica_divergence(classifier, reconstructor)}
         if mode == "adversarial":  # after the epoch's last CU step G holds no gradients
             epoch_stats["reconstructor_grads_after_cu"] = sum(p.grad is not None for p in reconstructor.parameters())
+        if cfg.eval.enabled and cfg.eval.every_epoch and epoch + 1 < cfg.train.epochs:
+            scored, _ = evaluate_split(unwrap(classifier), cfg, EvalRows(uri, manifest, cfg.eval.split), uri, rank, world,
+                                       device)
+            epoch_stats.update({k: scored[k] for k in ("cam_miou", "precision", "recall", "threshold")})
+            # (each phase sets the train/eval mode of both networks itself)
         history["epochs"].append(epoch_stats)
         if rank == 0:
             print(f"epoch {epoch + 1}/{cfg.train.epochs} done: "
@@ -324,7 +329,7 @@ def run_worker(loop_config: dict, session) -> None:
         return
     if rank == 0:
         print(f"evaluating CAMs on split '{cfg.eval.split}'", flush=True)
-    result, overlays = evaluate_split(unwrap(classifier), cfg, session.get_dataset_shard("eval"), uri, rank, world,
+    result, overlays = evaluate_split(unwrap(classifier), cfg, EvalRows(uri, manifest, cfg.eval.split), uri, rank, world,
                                       device)
     last = history["epochs"][-1] if history["epochs"] else {}
 
@@ -338,8 +343,7 @@ def run_worker(loop_config: dict, session) -> None:
 
 def evaluate_split(classifier: torch.nn.Module, cfg: Config, eval_rows, shards: str, rank: int, world: int,
                    device: torch.device) -> tuple[dict, list[dict]]:
-    """CAM quality on `eval.split`: `eval_rows` iterates the whole split (read_parquet rows, not split among
-    workers); worker r scores rows r, r+W, ...; the confusion matrices are summed over workers; the background
+    """CAM quality on `eval.split`: `eval_rows` iterates the whole split (not split among workers); worker r scores rows r, r+W, ...; the confusion matrices are summed over workers; the background
     threshold is swept and the best mIoU reported with its precision and recall. Also scores the two floors. Rank 0
     returns the first `eval.overlays` images for pictures. An undecodable row stops with an error naming it, or with
     data.skip_corrupt is skipped and counted (`skipped_corrupt`)."""

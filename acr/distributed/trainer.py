@@ -19,7 +19,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from acr.config import Config, dump_yaml, num_classes, to_dict
-from acr.data.ingest import eval_dataset, make_plan, train_dataset
+from acr.data.ingest import make_plan, train_dataset
 from acr.data.shards import ShardIndex, find_corrupt_rows
 from acr.data.sources import ensure_shards
 from acr.distributed.train_loop import (EVAL_FILE, HISTORY_FILE, OVERLAYS_FILE, PROGRESS_FILE, LocalSession, run_worker,
@@ -39,16 +39,21 @@ def _quiet_placement_group_cleaner() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def local_num_cpus(cfg: Config) -> int:
+def local_num_cpus(cfg: Config, trials: int = 0) -> int:
     """Logical CPUs of a local Ray: the training workers' plus the Ray Data decode actors' plus one for Ray Data's
-    small tasks. Ray Data needs CPUs of its own, or its tasks never run while the workers hold theirs (a silent
-    deadlock); the logical count may exceed the cores, the OS shares them."""
+    small tasks (per run; `trials` concurrent Tune trials each add their driver's share). Ray Data needs CPUs of its
+    own, or its tasks never run while the workers hold theirs (a silent deadlock); the logical count may exceed the
+    cores, the OS shares them."""
     workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    return int(math.ceil(max(os.cpu_count() or 1, workers) + cfg.data.decode_actors * cfg.data.decode_cpus + 1))
+    per_run = workers + cfg.data.decode_actors * cfg.data.decode_cpus + 1
+    if trials:
+        return int(math.ceil(max(os.cpu_count() or 1, trials * per_run + trials * cfg.tune.trial_cpus)))
+    return int(math.ceil(max(os.cpu_count() or 1, workers) + per_run - workers))
 
 
-def init_ray(cfg: Config) -> None:
-    """Join the cluster named by `ray.address` or RAY_ADDRESS (e.g. under `ray job submit`), else start a local one."""
+def init_ray(cfg: Config, trials: int = 0) -> None:
+    """Join the cluster named by `ray.address` or RAY_ADDRESS (e.g. under `ray job submit`), else start a local one
+    (sized for one run, or for `trials` concurrent Tune trials)."""
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -60,7 +65,7 @@ def init_ray(cfg: Config) -> None:
             os.environ.setdefault(k, v)
         if not cfg.ray.include_dashboard:
             runtime_env["worker_process_setup_hook"] = _quiet_placement_group_cleaner
-        ray.init(num_cpus=cfg.ray.num_cpus or local_num_cpus(cfg), include_dashboard=cfg.ray.include_dashboard,
+        ray.init(num_cpus=cfg.ray.num_cpus or local_num_cpus(cfg, trials), include_dashboard=cfg.ray.include_dashboard,
                  runtime_env=runtime_env)
 
 
@@ -80,7 +85,7 @@ def prepare_run(cfg: Config, start: tuple[int, int] = (0, 0), progress: bool = T
                 world: int | None = None) -> tuple[dict, dict, dict]:
     """(loop_config, datasets, data_info) of a run: the shards (converted if need be), the usable training images
     (rows that do not decode are left out with data.skip_corrupt, else they stop the run where met), the training
-    stream from `start` (epoch, step) cut for scaling.num_workers, and the eval split's read_parquet dataset."""
+    stream from `start` (epoch, step) cut for scaling.num_workers (the eval split is read by the workers)."""
     uri, manifest = ensure_shards(cfg, progress=progress)
     split = cfg.data.train_split
     indices = ShardIndex(manifest, split).indices
@@ -91,8 +96,6 @@ def prepare_run(cfg: Config, start: tuple[int, int] = (0, 0), progress: bool = T
     start_epoch = min(start[0], cfg.train.epochs)
     plan = make_plan(indices, cfg, world or cfg.scaling.num_workers, start_epoch, start[1] if start_epoch < cfg.train.epochs else 0)
     datasets = {"train": train_dataset(uri, manifest, plan, cfg, num_classes(cfg))}
-    if cfg.eval.enabled:
-        datasets["eval"] = eval_dataset(uri, manifest, cfg.eval.split)
     info = {"shards": uri, "train_images": len(indices), "dropped_per_epoch": plan.dropped_per_epoch,
             "train_skipped_corrupt": len(manifest["splits"][split]["skipped"]) + len(corrupt),
             "skipped_corrupt_ids": [r["id"] for r in manifest["splits"][split]["skipped"] + corrupt]}
@@ -111,9 +114,8 @@ def run_local(cfg: Config, folder: Path, device: torch.device | str = "cpu") -> 
 
 
 def build_trainer(cfg: Config, output_dir: Path, loop_config: dict, datasets: dict,
-                  train_fn=train_loop_per_worker) -> TorchTrainer:
-    """The TorchTrainer of a run: `datasets["train"]` is split among the workers in order, `datasets["eval"]` is
-    given whole to each."""
+                  train_fn=train_loop_per_worker, callbacks=None) -> TorchTrainer:
+    """The TorchTrainer of a run: `datasets["train"]` is split among the workers, in order."""
     output_dir = Path(output_dir).resolve()
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # the stream's order is the epoch's permutation (acr.data.ingest)
@@ -128,6 +130,7 @@ def build_trainer(cfg: Config, output_dir: Path, loop_config: dict, datasets: di
             name=output_dir.name, storage_path=str(output_dir.parent),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks,
         ),
     )
 

@@ -1,0 +1,243 @@
+"""Search ACR's SRF grid size, q and loss weights with Ray Tune + Optuna (TPE) and ASHA (ray_jobs/tune.py).
+
+Each trial is a function trainable that runs one TorchTrainer (the Ray 2.60 pattern: `TuneReportCallback` forwards
+every report of the training run to Tune). Trials score their CAMs after every epoch on `tune.select_split` (pixel
+labels of that split are used for the selection); the best trial's checkpoint is then scored once on `eval.split`,
+a different split, and that is the number to report. The Optuna study lives in a database (SQLite by default), so it
+can be opened with optuna-dashboard and continued; an interrupted search rerun with the same folder resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from acr.config import Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, to_dict
+
+KINDS = ("categorical", "uniform", "loguniform", "int")
+METRIC = "cam_miou"
+SUMMARY = "summary.json"
+
+
+def load_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, list]]:
+    """{dotted key: (kind, values or [low, high])}. Every error names the file and key, before any trial starts:
+    an unknown config key, an unknown distribution, an empty range, or a value the config refuses (e.g. an SRF grid
+    size that does not divide the crop: every categorical value and both ends of a range are checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"search space {path}: expected a non-empty mapping of config keys to distributions")
+    space = {}
+    for key, spec in raw.items():
+        where = f"search space {path}: {key}"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise ConfigError(f"{where}: expected one of {{{', '.join(k + ': ...' for k in KINDS)}}}, got {spec!r}")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: {kind} needs a non-empty list, got {values!r}")
+        if kind != "categorical":
+            if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or not values[0] < values[1]:
+                raise ConfigError(f"{where}: {kind} needs [low, high] with low < high (an empty range otherwise), "
+                                  f"got {values!r}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"{where}: loguniform needs low > 0, got {values[0]}")
+            if kind == "int" and not all(isinstance(v, int) for v in values):
+                raise ConfigError(f"{where}: int needs integer bounds, got {values!r}")
+        for v in values:
+            try:
+                apply_overrides(cfg, {key: v}, source=str(path))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}={v!r} is not a valid setting: {exc}") from exc
+        space[key] = (kind, values)
+    return space
+
+
+def optuna_space(space: dict[str, tuple[str, list]]) -> dict:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for key, (kind, v) in space.items():
+        if kind == "categorical":
+            out[key] = CategoricalDistribution(v)
+        elif kind == "int":
+            out[key] = IntDistribution(v[0], v[1])
+        else:
+            out[key] = FloatDistribution(float(v[0]), float(v[1]), log=kind == "loguniform")
+    return out
+
+
+def selection_config(cfg: Config) -> Config:
+    """What a trial trains and scores: per-epoch evaluation on the selection split."""
+    return apply_overrides(cfg, {"eval.enabled": True, "eval.every_epoch": True, "eval.split": cfg.tune.select_split,
+                                 "eval.max_images": cfg.tune.select_max_images, "train.checkpoint_every_steps": None})
+
+
+def trial_config(base: Config, params: dict[str, Any]) -> Config:
+    """The configuration a trial (or best.yaml) trains with: the base config with the sampled values; its `eval`
+    section is the base's (the trial scored on the selection split instead)."""
+    return apply_overrides(base, params, source="a trial's parameters")
+
+
+def run_trial(config: dict, base: dict, keys: list[str]) -> None:
+    """The Tune trainable: one TorchTrainer run of `base` with the trial's sampled `keys`, every report forwarded to
+    Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from acr.distributed.trainer import build_trainer, prepare_run
+
+    cfg = selection_config(trial_config(config_from_dict(base), {k: config[k] for k in keys}))
+    trial_dir = Path(ray.tune.get_context().get_trial_dir())
+    loop_config, datasets, _ = prepare_run(cfg, progress=False)
+    (trial_dir / "config.yaml").write_text(dump_yaml(cfg))
+    trainer = build_trainer(cfg, trial_dir / "train", loop_config, datasets, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    from acr.distributed.train_loop import PROGRESS_FILE
+
+    best, best_key = None, (-1, -1)
+    for f in Path(run_dir).glob(f"checkpoint_*/{PROGRESS_FILE}"):
+        d = json.loads(f.read_text())
+        key = (d["epoch"], d["step_in_epoch"])
+        if key > best_key:
+            best, best_key = f.parent, key
+    return best
+
+
+def run_tune(cfg: Config, space_file: str | Path, output_dir: str | Path) -> dict:
+    """Search, resume if `output_dir` holds an interrupted search, and write the outputs (see ray_jobs/tune.py)."""
+    import optuna
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from acr.data.sources import ensure_shards
+    from acr.distributed.trainer import init_ray
+
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    space = load_space(space_file, cfg)
+    if cfg.tune.select_split == cfg.eval.split:
+        raise ConfigError(f"tune.select_split and eval.split are both '{cfg.eval.split}': the split that selects "
+                          "the trial must differ from the split whose numbers are reported")
+    # Convert the data once, before any trial (trials would race on the cache); trials read the shards.
+    uri, _ = ensure_shards(cfg, [cfg.data.train_split, cfg.tune.select_split, cfg.eval.split])
+    base = apply_overrides(cfg, {"data.shards": uri})
+    init_ray(cfg, trials=cfg.tune.max_concurrent)
+    storage = cfg.tune.storage or f"sqlite:///{out / 'study.db'}"
+    experiment = out / "experiment"
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=to_dict(base), keys=list(space)),
+                                        {"CPU": cfg.tune.trial_cpus})
+    if ray.tune.Tuner.can_restore(experiment):
+        print(f"resuming the search in {experiment}", flush=True)
+        tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        search = OptunaSearch(optuna_space(space), metric=METRIC, mode="max", study_name=cfg.tune.study_name,
+                              storage=optuna.storages.RDBStorage(storage),
+                              sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed))
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                                   grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+                     if cfg.tune.asha else None)
+        tuner = ray.tune.Tuner(
+            trainable,
+            tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
+                                            num_samples=cfg.tune.num_samples,
+                                            max_concurrent_trials=cfg.tune.max_concurrent,
+                                            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+            run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(out)))
+    results = tuner.fit()
+    return write_outputs(cfg, base, space, results, out, storage)
+
+
+def write_outputs(cfg: Config, base: Config, space: dict, results, out: Path, storage: str) -> dict:
+    rows, curves = [], {}
+    for r in results:
+        params = {k: r.config.get(k) for k in space}
+        hist = r.metrics_dataframe
+        scores = [] if hist is None or METRIC not in hist else [float(v) for v in hist[METRIC] if not math.isnan(v)]
+        trial_id = Path(r.path).name
+        curves[trial_id] = scores
+        rows.append({"trial": trial_id, "status": "error" if r.error else "done", "epochs": len(scores),
+                     "stopped_early": not r.error and len(scores) < cfg.train.epochs,
+                     "best_cam_miou": max(scores) if scores else None, "last_cam_miou": scores[-1] if scores else None,
+                     "path": r.path, **params})
+    with open(out / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+    scored = [row for row in rows if row["best_cam_miou"] is not None]
+    if not scored:
+        raise RuntimeError(f"no trial produced a CAM mIoU; see {out / 'trials.csv'} and the trial folders")
+    # Best = highest final-epoch score among trials that trained every epoch (early-stopped ones are not comparable).
+    full = [row for row in scored if row["epochs"] >= cfg.train.epochs] or scored
+    best = max(full, key=lambda row: row["last_cam_miou"])
+    best_cfg = trial_config(base, {k: best[k] for k in space})
+    (out / "best.yaml").write_text(dump_yaml(best_cfg))
+    ckpt = latest_checkpoint(Path(best["path"]) / "train")
+    reported = evaluate_checkpoint(best_cfg, ckpt) if ckpt is not None and best_cfg.eval.enabled else None
+    summary = {
+        "best_config": {k: best[k] for k in space}, "best_trial": best["trial"],
+        "best_cam_miou": best["last_cam_miou"], "select_split": cfg.tune.select_split,
+        "best_cam_miou_reported": reported["cam_miou"] if reported else None,
+        "best_precision_reported": reported["precision"] if reported else None,
+        "best_recall_reported": reported["recall"] if reported else None,
+        "report_split": best_cfg.eval.split, "best_checkpoint": str(ckpt) if ckpt else None,
+        "n_trials": len(rows), "n_stopped_early": sum(r["stopped_early"] for r in rows),
+        "n_errored": sum(r["status"] == "error" for r in rows), "study_storage": storage,
+        "study_name": cfg.tune.study_name, "space": {k: list(v) for k, v in space.items()},
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    save_plots(out, curves, storage, cfg.tune.study_name)
+    return summary
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: Path) -> dict:
+    """Score a checkpoint's classifier on `eval.split` in this process (the Ray Data eval stream, one worker)."""
+    import torch
+
+    from acr.checkpoint import load_classifier
+    from acr.data.ingest import EvalRows
+    from acr.data.sources import ensure_shards
+    from acr.distributed.train_loop import evaluate_split
+
+    uri, manifest = ensure_shards(cfg, [cfg.eval.split], progress=False)
+    model, _ = load_classifier(checkpoint)
+    result, _ = evaluate_split(model, cfg, EvalRows(uri, manifest, cfg.eval.split), uri, 0, 1,
+                               torch.device("cpu"))
+    return result
+
+
+def save_plots(out: Path, curves: dict[str, list[float]], storage: str, study_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for trial, scores in curves.items():
+        axes[0].plot(range(1, len(scores) + 1), scores, marker="o", label=trial[-12:])
+    axes[0].set(xlabel="epoch", ylabel="CAM mIoU (selection split)", title="trials")
+    axes[0].legend(fontsize=6)
+    importances = {}
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError, KeyError):
+        pass  # fewer than two finished trials, or all with the same value
+    if importances:
+        axes[1].barh(list(importances), list(importances.values()))
+    axes[1].set(xlabel="importance (fANOVA)" if importances else "needs two finished trials",
+                title="parameter importances")
+    fig.tight_layout()
+    fig.savefig(out / "trials.png", dpi=100)
+    plt.close(fig)
