@@ -27,8 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from acr.config import Config, load_config, num_classes, to_dict  # noqa: E402
-from acr.data.sources import dataset_root  # noqa: E402
+from acr.config import Config, load_config, num_classes  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 # The released code on this machine (issue 3): 33.5 s per RU+CU step of batch 2, median of 3, 2026-11-25.
