@@ -275,12 +275,6 @@ def check_manifest(manifest: dict, uri: str, num_classes: int, splits: list[str]
                                 f"{shard['bytes']}: truncated or replaced; rerun ray_jobs/prepare_data.py")
 
 
-def shard_paths(manifest: dict, uri: str, split: str) -> list[str]:
-    fs, base = _filesystem(str(uri))
-    prefix = uri.rstrip("/") if "://" in str(uri) else base
-    return [f"{prefix}/{s['file']}" for s in manifest["splits"][split]["shards"]]
-
-
 class ShardIndex:
     """Where each image of a split lives: index -> (shard number, row in shard)."""
 
