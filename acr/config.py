@@ -246,7 +246,7 @@ class RayConfig:
     address: str | None = None
     # Logical CPUs of a locally started Ray (null = detected).
     num_cpus: int | None = None
-    include_dashboard: bool = False
+    include_dashboard: bool = False  # a Tune search starts it regardless (Train needs its state API there)
 
 
 @dataclass

@@ -1,13 +1,21 @@
-"""Ray Tune + Optuna: search-space validation (the end-to-end search is not yet tested: see README, status)."""
+"""Ray Tune + Optuna: search-space validation, and a real search killed in the middle and resumed."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import yaml
 
-from acr.config import ConfigError, load_config
+from acr.config import ConfigError, load_config, to_dict
 from acr.tuning import load_space
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_OVERRIDES
 
 
 def _space(tmp_path, text):
@@ -37,3 +45,54 @@ def test_shipped_spaces_fit_their_configs():
     full = load_space(REPO / "search_spaces/acr.yaml", load_config(REPO / "configs/voc_official.yaml",
                                                                     ["data.root=/nonexistent"]))
     assert {"method.srf.q_start", "method.ru_target_weight", "method.cu_nontarget_weight", "optim.lr"} <= set(full)
+
+
+@pytest.mark.slow
+def test_search_killed_midway_resumes_and_best_yaml_reproduces_the_trial(cache_dir, tmp_path):
+    out = tmp_path / "tune"
+    space = _space(tmp_path, "method.srf.grid_size: {categorical: [4, 8]}\n"
+                             "method.cu_target_weight: {uniform: [0.2, 1.2]}\n")
+    args = [sys.executable, "ray_jobs/tune.py", "--output-dir", str(out), "--space", str(space),
+            *TINY_OVERRIDES, f"data.cache_dir={cache_dir}", "train.epochs=2", "train.max_steps_per_epoch=1",
+            "train.batch_size=4", "train.log_every_steps=0", "tune.num_samples=2", "tune.select_max_images=4",
+            "eval.max_images=4", "scaling.cpus_per_worker=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    # Kill the whole search (driver, Ray and its workers) once the first trial has finished.
+    deadline = time.time() + 600
+    finished = []
+    while time.time() < deadline and not finished and proc.poll() is None:
+        time.sleep(2)
+        finished = [p for p in (out / "experiment").glob("*/result.json")
+                    if len(p.read_text().splitlines()) >= 2]
+    assert finished, "no trial finished within 10 minutes"
+    time.sleep(15)  # Tune records a finished trial in its experiment state within seconds
+    finished = [p for p in (out / "experiment").glob("*/result.json") if len(p.read_text().splitlines()) >= 2]
+    os.killpg(proc.pid, signal.SIGKILL)  # the search and the Ray it started (same process group)
+    proc.wait()
+    done_before = {p.parent.name: p.read_text() for p in finished}
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming the search" in rerun.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_trials"] == 2 and summary["n_errored"] == 0
+    for name, text in done_before.items():  # finished trials were not run again
+        assert (out / "experiment" / name / "result.json").read_text() == text
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert len(rows) == 2 and (out / "trials.png").is_file() and (out / "study.db").is_file()
+    assert summary["select_split"] == "train" and summary["report_split"] == "val"
+    assert 0 <= summary["best_cam_miou"] <= 1 and 0 <= summary["best_cam_miou_reported"] <= 1
+    # best.yaml, given to train.py, resolves to the best trial's configuration exactly
+    best = load_config(out / "best.yaml")
+    trial = yaml.safe_load((out / "experiment" / summary["best_trial"] / "config.yaml").read_text())
+    for key, value in summary["best_config"].items():
+        section, *rest = key.split(".")
+        node = to_dict(best)[section]
+        for part in rest:
+            node = node[part]
+        assert node == value
+    resolved = to_dict(best)
+    for section in resolved:
+        if section != "eval":  # trials score on the selection split; best.yaml keeps the reported one
+            assert resolved[section] == trial[section], section

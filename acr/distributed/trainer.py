@@ -57,15 +57,20 @@ def init_ray(cfg: Config, trials: int = 0) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # Tune stops a trial (ASHA, or at its last epoch) by killing its driver, and with it Train's controller; the
+    # worker group's placement group is then removed by Train's cleaner, which asks the state API, served by the
+    # dashboard. Without it every stopped trial leaks its workers' CPUs and the next trial's data stream waits
+    # forever for a CPU. So a search always runs with the dashboard.
+    dashboard = cfg.ray.include_dashboard or trials > 0
     runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in _RAY_ENV.items()}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         for k, v in runtime_env["env_vars"].items():
             os.environ.setdefault(k, v)
-        if not cfg.ray.include_dashboard:
+        if not dashboard:
             runtime_env["worker_process_setup_hook"] = _quiet_placement_group_cleaner
-        ray.init(num_cpus=cfg.ray.num_cpus or local_num_cpus(cfg, trials), include_dashboard=cfg.ray.include_dashboard,
+        ray.init(num_cpus=cfg.ray.num_cpus or local_num_cpus(cfg, trials), include_dashboard=dashboard,
                  runtime_env=runtime_env)
 
 
