@@ -250,6 +250,41 @@ class RayConfig:
 
 
 @dataclass
+class PseudoConfig:
+    """The pseudo-label job (ray_jobs/pseudo_labels.py): CAMs -> dense CRF -> IRN -> masks. Defaults are IRN's
+    (jiwoon-ahn/irn run_sample.py) unless named otherwise."""
+    # A checkpoint folder or state.pt, a train.py output folder (its summary.json names the checkpoint) or a tune.py
+    # output folder (its best trial's checkpoint). The job runs with that checkpoint's config plus the overrides.
+    checkpoint: str | None = None
+    split: str = "train"  # the images to label (train_aug for DeepLab on VOC)
+    max_images: int | None = None
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])  # IRN make_cam
+    flip: bool = True
+    # Background threshold of the seed and +CRF levels (null: the best of eval.thresholds on the ground truth of
+    # the labelled images, which the summary says; needed explicitly where no ground truth exists).
+    seed_threshold: float | None = None
+    crf: str = "psa"  # the +CRF level's parameters (acr.refine.crf.CRF_PRESETS: psa, afa, deeplab)
+    conf_fg_threshold: float = 0.30  # IRN cam_to_ir_label (RIB: 0.35)
+    conf_bg_threshold: float = 0.05  # IRN (RIB: 0.17)
+    irn_radius: int = 10  # IRN PathIndex radius for training pairs (at stride 4)
+    irn_crop_size: int = 512
+    irn_resize_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    irn_batch_size: int = 32
+    irn_epochs: int = 3
+    irn_lr: float = 0.1
+    irn_weight_decay: float = 1e-4
+    irn_width: int = 32
+    beta: float = 10.0  # IRN make_sem_seg_labels
+    exp_times: int = 8  # 2**exp_times random-walk steps
+    walk_radius: int = 5
+    cam_power: float = 1.0  # CAMs**power before the walk (RIB: 1.3)
+    sem_seg_bg_threshold: float = 0.25  # IRN (RIB: 0.27)
+    actors: int = 2  # CAM / mask actor pool size (each holds its model once)
+    actor_cpus: float = 1.0
+    overlays: int = 6
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -262,6 +297,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -383,21 +419,36 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _read_yaml(path: Path, reference: dict, seen: tuple = ()) -> dict:
+    """A config file as a tree; a top-level `base: FILE` (relative to this file) is read first and this file's keys
+    are merged onto it. Unknown keys are errors naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = loaded.pop("base", None)
+    _check_keys(loaded, reference, "", str(path))
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a config file name, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"{path}: 'base: {base}' makes a cycle")
+    tree = _read_yaml(base_path, reference, seen + (path.resolve(),))
+    _merge(tree, loaded)
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides, validated."""
+    """Defaults <- YAML file (and the files it names as `base`) <- `key=value` overrides, validated."""
     tree = to_dict(Config())
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        _check_keys(loaded, tree, "", str(path))
-        _merge(tree, loaded)
+        _merge(tree, _read_yaml(Path(path), tree))
     for key, value in parse_overrides(overrides or []):
         _check_keys({key: value}, tree, "", "command line", dotted=True)
         _set_dotted(tree, key, value)
@@ -480,6 +531,20 @@ def validate(cfg: Config) -> None:
     need(cfg.data.decode_cpus > 0, f"data.decode_cpus must be > 0, got {cfg.data.decode_cpus}")
     need(cfg.data.prefetch_batches >= 0, f"data.prefetch_batches must be >= 0, got {cfg.data.prefetch_batches}")
     need(cfg.data.labels != "file" or cfg.data.labels_file, "data.labels=file needs data.labels_file")
+    ps = cfg.pseudo
+    need(0 < ps.conf_bg_threshold <= ps.conf_fg_threshold < 1,
+         f"pseudo.conf_bg_threshold ({ps.conf_bg_threshold}) must be in (0, pseudo.conf_fg_threshold "
+         f"({ps.conf_fg_threshold})] and both below 1")
+    need(ps.seed_threshold is None or 0 < ps.seed_threshold < 1,
+         f"pseudo.seed_threshold must be in (0, 1), got {ps.seed_threshold}")
+    need(ps.scales and all(s > 0 for s in ps.scales), f"pseudo.scales must be positive, got {ps.scales}")
+    need(ps.irn_radius >= 2 and ps.walk_radius >= 2, "pseudo.irn_radius and pseudo.walk_radius must be >= 2")
+    need(ps.irn_crop_size >= 16 and ps.irn_crop_size % 4 == 0,
+         f"pseudo.irn_crop_size must be a multiple of 4 (the boundary map's stride), got {ps.irn_crop_size}")
+    need(ps.irn_batch_size >= 1 and ps.irn_epochs >= 1 and ps.actors >= 1 and ps.actor_cpus > 0,
+         "pseudo.irn_batch_size, pseudo.irn_epochs and pseudo.actors must be >= 1, pseudo.actor_cpus > 0")
+    need(ps.beta > 0 and ps.exp_times >= 0 and ps.cam_power > 0, "pseudo.beta and pseudo.cam_power must be > 0, "
+         "pseudo.exp_times >= 0")
 
 
 def num_classes(cfg: Config) -> int:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from acr.data.voc import IGNORE, voc_palette  # noqa: E402
+from acr.data.voc import voc_palette  # noqa: E402
 
 _PALETTE = np.array(voc_palette(), np.uint8).reshape(256, 3)
 
@@ -64,6 +64,25 @@ def save_curves(path: Path, history: list[dict], thresholds: np.ndarray, sweep_m
     ax2.set_xlabel("background threshold")
     ax2.set_ylabel("CAM mIoU")
     ax2.set_title(f"best {sweep_miou[best]:.3f} at {thresholds[best]:.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_level_overlays(path: Path, items: list[dict], threshold: float) -> None:
+    """One row per image: image, ground truth, seed (CAM > threshold), +CRF, IRN's confident labels (white: not
+    confident), final mask. `items`: dicts with id, raw, gt, seed, crf, ir, mask."""
+    if not items:
+        return
+    fig, axes = plt.subplots(len(items), 6, figsize=(14, 2.5 * len(items)), squeeze=False)
+    titles = ["ground truth", f"seed (> {threshold:.2f})", "+ CRF", "confident labels", "mask (IRN)"]
+    for row, it in zip(axes, items):
+        panels = [(it["raw"], it["id"])] + [(colorize(it[k]), t) for k, t in zip(("gt", "seed", "crf", "ir", "mask"),
+                                                                                 titles)]
+        for ax, (img, title) in zip(row, panels):
+            ax.axis("off")
+            ax.set_title(title, fontsize=8)
+            ax.imshow(img)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -28,7 +28,7 @@ def _flags(p) -> None:
 
 
 def main(argv=None) -> None:
-    cfg, out, args = parse_job_args(__doc__.splitlines()[0], REPO / "configs" / "demo.yaml", argv, job="tune",
+    cfg, out, args = parse_job_args(__doc__.splitlines()[0], REPO / "configs" / "tune_demo.yaml", argv, job="tune",
                                     add_args=_flags)
     from acr.tuning import run_tune
 

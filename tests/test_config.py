@@ -59,3 +59,21 @@ def test_reference_yaml_lists_every_key_with_its_default():
 
     from acr.config import Config
     assert yaml.safe_load((REPO / "configs/reference.yaml").read_text()) == to_dict(Config())
+
+
+def test_a_config_file_can_build_on_a_base_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  epochs: 7\n  batch_size: 4\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  epochs: 2\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.train.epochs, cfg.train.batch_size) == (2, 4)  # b's key wins, a's other keys stay
+    shipped = load_config(REPO / "configs/tune_demo.yaml")
+    assert shipped.synthetic.train_images == 160 and shipped.model.backbone == load_config(
+        REPO / "configs/demo.yaml").model.backbone
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text("trian:\n  epochs: 1\n")
+    (tmp_path / "f.yaml").write_text("base: e.yaml\n")
+    with pytest.raises(ConfigError, match="e.yaml.*trian|trian.*e.yaml"):
+        load_config(tmp_path / "f.yaml")

@@ -1,0 +1,116 @@
+"""The pseudo-label job end to end on a real local Ray with the real VOC images of ../shared/data/voc_mini: CAMs ->
+CRF -> IRN (Ray Train) -> masks, Table 3 levels, resume; checkpoint lookup and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from acr.config import ConfigError, Config, apply_overrides, load_config
+from acr.distributed.batch import _check_stage_params, job_config, resolve_checkpoint, run_pseudo_labels
+from acr.distributed.trainer import run_local
+from acr.refine import pseudo
+from tests.conftest import TINY_OVERRIDES
+
+JOB = {"pseudo.actors": 1, "pseudo.scales": [1.0], "pseudo.flip": False, "pseudo.irn_crop_size": 64,
+       "pseudo.irn_epochs": 1, "pseudo.irn_batch_size": 8, "pseudo.exp_times": 4, "pseudo.overlays": 2}
+
+
+@pytest.fixture(scope="module")
+def voc_checkpoint(ray_local, voc_mini, tmp_path_factory, cache_dir):
+    cfg = load_config(None, TINY_OVERRIDES + [
+        f"data.cache_dir={cache_dir}", "train.log_every_steps=0", "train.epochs=1", "train.max_steps_per_epoch=2",
+        "train.batch_size=4", "eval.enabled=false", "data.format=voc", f"data.root={voc_mini}"])
+    return run_local(cfg, tmp_path_factory.mktemp("ckpt") / "train").last_checkpoint
+
+
+def _job(checkpoint, **extra):
+    return job_config(apply_overrides(Config(), {"pseudo.checkpoint": str(checkpoint)}), {**JOB, **extra})
+
+
+@pytest.mark.slow
+def test_real_voc_images_end_to_end_then_resume(voc_checkpoint, voc_mini, tmp_path):
+    out = tmp_path / "job"
+    summary = run_pseudo_labels(_job(voc_checkpoint), out)
+    n = summary["num_images"]
+    ids = (voc_mini / "ImageSets/Segmentation/train.txt").read_text().split()
+    assert n == len(ids) and summary["images_with_ground_truth"] == n
+    for k in ("seed_miou", "crf_miou", "mask_miou", "mask_precision", "mask_recall"):
+        assert 0.0 < summary[k] <= 1.0, k
+    assert summary["stages"]["cams"]["done"] == n and summary["stages"]["masks"]["done"] == n
+    masks = sorted((out / "masks").glob("*.png"))
+    assert sorted(p.stem for p in masks) == sorted(ids)  # one PNG per training image
+    for p in masks:
+        with Image.open(p) as im, Image.open(voc_mini / "JPEGImages" / f"{p.stem}.jpg") as jpg:
+            assert im.mode == "P" and im.getpalette()[3:6] == [128, 0, 0] and im.size == jpg.size  # VOC palette
+        labels = set(np.unique(pseudo.read_label_png(p)).tolist())
+        cams, keys = pseudo.load_cams(out / "cams" / f"{p.stem}.npz")
+        assert labels <= {0, *(keys + 1).tolist()}  # only the image's own classes and background
+    assert (out / "table3.md").read_text().count("|") > 20 and (out / "levels.png").stat().st_size > 5000
+    assert json.loads((out / "summary.json").read_text())["mask_miou"] == summary["mask_miou"]
+    # a rerun keeps every file (and the trained IRN) and reproduces the numbers
+    before = {p.name: p.stat().st_mtime_ns for p in masks}
+    again = run_pseudo_labels(_job(voc_checkpoint), out)
+    assert (again["stages"]["cams"]["done"], again["stages"]["cams"]["kept"]) == (0, n)
+    assert again["stages"]["masks"]["kept"] == n and again["stages"]["irn"]["kept"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "masks").glob("*.png")} == before
+    assert again["mask_miou"] == summary["mask_miou"] and again["crf_miou"] == summary["crf_miou"]
+
+
+def test_checkpoint_is_found_from_a_run_or_tune_folder_and_bad_ones_are_named(voc_checkpoint, tmp_path):
+    assert resolve_checkpoint(voc_checkpoint / "state.pt") == voc_checkpoint.resolve()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"checkpoint": str(voc_checkpoint)}))
+    tune = tmp_path / "tune"
+    tune.mkdir()
+    (tune / "summary.json").write_text(json.dumps({"best_checkpoint": str(run)}))
+    assert resolve_checkpoint(tune) == voc_checkpoint.resolve()
+    with pytest.raises(ConfigError, match="nowhere"):
+        resolve_checkpoint(tmp_path / "nowhere")
+    cfg = _job(tune, **{"pseudo.irn_epochs": 2})
+    assert cfg.data.format == "voc" and cfg.pseudo.irn_epochs == 2  # the checkpoint's config plus the overrides
+    with pytest.raises(ConfigError, match="pseudo.crf='bogus'"):
+        _job(voc_checkpoint, **{"pseudo.crf": "bogus"})
+    with pytest.raises(ConfigError, match="pseudo.conf_bg_threshold"):
+        _job(voc_checkpoint, **{"pseudo.conf_bg_threshold": 0.5, "pseudo.conf_fg_threshold": 0.3})
+
+
+def test_files_made_with_other_settings_are_not_reused(tmp_path):
+    _check_stage_params(tmp_path, {"seed_threshold": 0.3, "crf": "psa"}, "refine")
+    _check_stage_params(tmp_path, {"seed_threshold": 0.3, "crf": "psa"}, "refine")  # same settings: fine
+    with pytest.raises(ConfigError, match="seed_threshold=0.3, not 0.9"):
+        _check_stage_params(tmp_path, {"seed_threshold": 0.9, "crf": "psa"}, "refine")
+
+
+def test_per_image_steps_on_hand_made_cams(tmp_path):
+    import torch
+
+    from acr.distributed.batch import build_irn
+
+    cams = np.zeros((2, 8, 8), np.float32)
+    cams[0, :4] = 0.9  # class 2 (index 1 of keys) on the top half ...
+    cams[1, 4:, :4] = 0.5  # ... class 5 bottom-left, weaker
+    keys = np.array([1, 4])
+    seed = pseudo.seed_labels(cams, keys, 0.4)
+    assert (seed[:4] == 2).all() and (seed[4:, :4] == 5).all() and (seed[4:, 4:] == 0).all()
+    assert (pseudo.seed_labels(cams, keys, 0.6)[4:] == 0).all()  # the weaker class falls below the threshold
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:4] = (200, 30, 30)
+    image[4:, :4] = (30, 200, 30)
+    crf = pseudo.crf_labels(image, cams, keys, 0.4)
+    assert set(np.unique(crf)) <= {0, 2, 5} and crf[1, 1] == 2 and crf[6, 1] == 5
+    pseudo.save_cams(tmp_path / "c.npz", cams, keys)
+    back, k = pseudo.load_cams(tmp_path / "c.npz")
+    assert np.allclose(back, cams, atol=1e-3) and k.tolist() == [1, 4]
+    assert pseudo.full_cams(back, k, 6)[[0, 2, 3, 5]].max() == 0 and pseudo.full_cams(back, k, 6)[4, 6, 1] == 0.5
+    pseudo.write_label_png(tmp_path / "m.png", crf)
+    assert (pseudo.read_label_png(tmp_path / "m.png") == crf).all()
+    cfg = load_config(None, TINY_OVERRIDES)
+    irn = build_irn(cfg)
+    image_t = torch.zeros(3, 30, 22)
+    mask = pseudo.walk_labels(irn, image_t, np.zeros((2, 30, 22), np.float32) + 0.1, keys, 10.0, 2, 3, 1.0, 0.25)
+    assert mask.shape == (30, 22) and set(np.unique(mask)) <= {2, 5}  # uniform CAMs: all foreground, no background
