@@ -21,7 +21,7 @@ def parse_job_args(description: str, default_config: Path | None, argv=None, job
     p.add_argument("--output-dir", type=Path, default=None,
                    help="the run folder; rerunning with the same folder resumes (default: outputs/<job>-<time>)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=2")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -213,8 +213,9 @@ class TuneConfig:
     """ray_jobs/tune.py: Ray Tune + Optuna (TPE) over a search space file (search_spaces/)."""
 
     num_samples: int = 4
-    # Trials at the same time (each runs a TorchTrainer with scaling.num_workers workers).
-    max_concurrent: int = 1
+    # Trials at the same time, each a TorchTrainer with scaling.num_workers workers (null: as many as the cluster's
+    # CPUs, and GPUs where used, hold; a locally started Ray is sized for one).
+    max_concurrent: int | None = None
     # Trials are scored (CAM mIoU per epoch) on this split, whose pixel labels are used for the selection; the best
     # trial is then scored on eval.split, which must be a different split, and that is the number to report.
     select_split: str = "train"
@@ -525,6 +526,8 @@ def validate(cfg: Config) -> None:
     elif cfg.data.shards is None:
         need(cfg.data.root is not None, f"data.format={cfg.data.format} needs data.root (or data.shards)")
     need(cfg.data.shard_rows >= 1, f"data.shard_rows must be >= 1, got {cfg.data.shard_rows}")
+    need(cfg.tune.max_concurrent is None or cfg.tune.max_concurrent >= 1,
+         f"tune.max_concurrent must be >= 1 or null, got {cfg.tune.max_concurrent}")
     need(cfg.tune.num_samples >= 1, f"tune.num_samples must be >= 1, got {cfg.tune.num_samples}")
     need(cfg.tune.trial_cpus > 0, f"tune.trial_cpus must be > 0 (Ray Tune rejects 0), got {cfg.tune.trial_cpus}")
     need(cfg.data.decode_actors >= 1, f"data.decode_actors must be >= 1, got {cfg.data.decode_actors}")

@@ -113,6 +113,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return best
 
 
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What one trial holds: its driver, its training workers, its Ray Data decode actors and one CPU for Ray Data's
+    small tasks."""
+    s = cfg.scaling
+    cpus = cfg.tune.trial_cpus + s.num_workers * s.cpus_per_worker + cfg.data.decode_actors * cfg.data.decode_cpus + 1
+    return {"CPU": cpus, "GPU": float(s.num_workers) if s.use_gpu else 0.0}
+
+
+def concurrent_trials(cfg: Config, resources: dict) -> int:
+    """tune.max_concurrent, or where null as many trials as the cluster's CPUs (and GPUs, where used) hold."""
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    need = trial_resources(cfg)
+    n = int(resources.get("CPU", 0) // need["CPU"])
+    if need["GPU"]:
+        n = min(n, int(resources.get("GPU", 0) // need["GPU"]))
+    return max(1, n)
+
+
 def run_tune(cfg: Config, space_file: str | Path, output_dir: str | Path) -> dict:
     """Search, resume if `output_dir` holds an interrupted search, and write the outputs (see ray_jobs/tune.py)."""
     import optuna
@@ -132,7 +151,9 @@ def run_tune(cfg: Config, space_file: str | Path, output_dir: str | Path) -> dic
     # Convert the data once, before any trial (trials would race on the cache); trials read the shards.
     uri, _ = ensure_shards(cfg, [cfg.data.train_split, cfg.tune.select_split, cfg.eval.split])
     base = apply_overrides(cfg, {"data.shards": uri})
-    init_ray(cfg, trials=cfg.tune.max_concurrent)
+    init_ray(cfg, trials=cfg.tune.max_concurrent or 1)
+    concurrent = concurrent_trials(cfg, ray.cluster_resources())
+    print(f"up to {concurrent} trial(s) at once, each {trial_resources(cfg)}", flush=True)
     storage = cfg.tune.storage or f"sqlite:///{out / 'study.db'}"
     experiment = out / "experiment"
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=to_dict(base), keys=list(space)),
@@ -151,7 +172,7 @@ def run_tune(cfg: Config, space_file: str | Path, output_dir: str | Path) -> dic
             trainable,
             tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
                                             num_samples=cfg.tune.num_samples,
-                                            max_concurrent_trials=cfg.tune.max_concurrent,
+                                            max_concurrent_trials=concurrent,
                                             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
             run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(out)))
     results = tuner.fit()

@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     p.add_argument("--output-dir", type=Path, default=None,
                    help="the job folder; rerunning with the same folder resumes (default: outputs/pseudo-<time>)")
     p.add_argument("overrides", nargs="*", help="checkpoint=PATH and dotted key=value overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     items = [f"pseudo.{a}" if a.startswith("checkpoint=") else a for a in args.overrides]
     out = args.output_dir or Path("outputs") / f"pseudo-{time.strftime('%Y%m%d-%H%M%S')}"
     from acr.distributed.batch import job_config, run_pseudo_labels

@@ -77,3 +77,10 @@ def test_a_config_file_can_build_on_a_base_file(tmp_path):
     (tmp_path / "f.yaml").write_text("base: e.yaml\n")
     with pytest.raises(ConfigError, match="e.yaml.*trian|trian.*e.yaml"):
         load_config(tmp_path / "f.yaml")
+
+
+def test_overrides_may_come_before_and_after_the_flags(tmp_path):
+    from acr.cli import parse_job_args
+
+    cfg, out, _ = parse_job_args("d", None, ["train.epochs=2", "--output-dir", str(tmp_path), "train.batch_size=4"])
+    assert (cfg.train.epochs, cfg.train.batch_size, out) == (2, 4, tmp_path)

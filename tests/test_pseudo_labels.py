@@ -16,7 +16,8 @@ from acr.refine import pseudo
 from tests.conftest import TINY_OVERRIDES
 
 JOB = {"pseudo.actors": 1, "pseudo.scales": [1.0], "pseudo.flip": False, "pseudo.irn_crop_size": 64,
-       "pseudo.irn_epochs": 1, "pseudo.irn_batch_size": 8, "pseudo.exp_times": 4, "pseudo.overlays": 2}
+       "pseudo.irn_epochs": 1, "pseudo.irn_batch_size": 8, "pseudo.exp_times": 4, "pseudo.overlays": 2,
+       "pseudo.max_images": 5}
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +37,13 @@ def test_real_voc_images_end_to_end_then_resume(voc_checkpoint, voc_mini, tmp_pa
     out = tmp_path / "job"
     summary = run_pseudo_labels(_job(voc_checkpoint), out)
     n = summary["num_images"]
-    ids = (voc_mini / "ImageSets/Segmentation/train.txt").read_text().split()
+    ids = (voc_mini / "ImageSets/Segmentation/train.txt").read_text().split()[:5]  # pseudo.max_images=5
     assert n == len(ids) and summary["images_with_ground_truth"] == n
     for k in ("seed_miou", "crf_miou", "mask_miou", "mask_precision", "mask_recall"):
         assert 0.0 < summary[k] <= 1.0, k
     assert summary["stages"]["cams"]["done"] == n and summary["stages"]["masks"]["done"] == n
     masks = sorted((out / "masks").glob("*.png"))
-    assert sorted(p.stem for p in masks) == sorted(ids)  # one PNG per training image
+    assert sorted(p.stem for p in masks) == sorted(ids)  # one PNG per image of the job
     for p in masks:
         with Image.open(p) as im, Image.open(voc_mini / "JPEGImages" / f"{p.stem}.jpg") as jpg:
             assert im.mode == "P" and im.getpalette()[3:6] == [128, 0, 0] and im.size == jpg.size  # VOC palette

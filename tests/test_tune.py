@@ -96,3 +96,15 @@ def test_search_killed_midway_resumes_and_best_yaml_reproduces_the_trial(cache_d
     for section in resolved:
         if section != "eval":  # trials score on the selection split; best.yaml keeps the reported one
             assert resolved[section] == trial[section], section
+
+
+def test_trials_at_once_follow_the_config_or_the_cluster():
+    from acr.tuning import concurrent_trials, trial_resources
+
+    cfg = load_config(REPO / "configs/demo.yaml")  # 1 worker x 2 CPUs, 1 decode actor
+    assert trial_resources(cfg) == {"CPU": pytest.approx(0.1 + 2 + 1 + 1), "GPU": 0.0}
+    assert concurrent_trials(cfg, {"CPU": 5.0}) == 1 and concurrent_trials(cfg, {"CPU": 64.0}) == 15
+    gpu = load_config(REPO / "configs/demo.yaml", ["scaling.use_gpu=true", "scaling.num_workers=2",
+                                                   "scaling.cpus_per_worker=1", "train.batch_size=8"])
+    assert concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # the GPUs bound it
+    assert concurrent_trials(load_config(REPO / "configs/demo.yaml", ["tune.max_concurrent=3"]), {"CPU": 1}) == 3

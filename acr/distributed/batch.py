@@ -29,7 +29,7 @@ from tqdm import tqdm
 from acr.checkpoint import STATE_FILE, load_classifier, load_state, save_state
 from acr.config import Config, ConfigError, apply_overrides, num_classes
 from acr.data.ingest import EvalRows
-from acr.data.shards import _filesystem, decode_image_bytes, decode_mask_bytes
+from acr.data.shards import ShardReader, _filesystem, decode_image_bytes, decode_mask_bytes
 from acr.data.sources import ensure_shards
 from acr.data.transforms import to_chw_normalized
 from acr.data.voc import DataError
@@ -45,27 +45,28 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _rows(batch: dict, max_images: int | None):
-    """(id, index, image bytes, labels) of a Ray Data batch, in the job's image range."""
-    for i in range(len(batch["id"])):
-        if max_images is None or int(batch["index"][i]) < max_images:
-            yield str(batch["id"][i]), int(batch["index"][i]), batch["image"][i], np.asarray(batch["labels"][i])
+def _rows(reader, batch: dict):
+    """(id, index, image bytes, labels) of the rows of a Ray Data batch of positions (`id` column of
+    ray.data.range), read from the split's shards by index."""
+    indices = reader.index.indices[np.asarray(batch["id"], np.int64)]
+    for rec in reader.read(indices):
+        yield rec["id"], rec["index"], rec["image"], np.asarray(rec["labels"])
 
 
 class CamStage:
     """[1] Multi-scale + flip CAMs of each image's labelled classes -> cams/<id>.npz."""
 
-    def __init__(self, checkpoint: str, out: str, scales: list[float], flip: bool, max_images: int | None,
-                 where: str):
+    def __init__(self, checkpoint: str, out: str, scales: list[float], flip: bool, shards: tuple, where: str):
         from acr.cam import infer_cams
 
         self.infer, self.device = infer_cams, _device()
         self.model, _ = load_classifier(checkpoint, self.device)
-        self.out, self.scales, self.flip, self.max_images, self.where = Path(out), scales, flip, max_images, where
+        self.reader = ShardReader(*shards)
+        self.out, self.scales, self.flip, self.where = Path(out), scales, flip, where
 
     def __call__(self, batch: dict) -> dict:
         ids, status = [], []
-        for image_id, _, data, labels in _rows(batch, self.max_images):
+        for image_id, _, data, labels in _rows(self.reader, batch):
             ids.append(image_id)
             if pseudo.is_done(self.out, pseudo.CAMS, image_id):
                 status.append("kept")
@@ -81,11 +82,11 @@ class CamStage:
 
 
 def refine_rows(batch: dict, out: str, threshold: float, crf: str, fg: float, bg: float, num_classes: int,
-                max_images: int | None, where: str) -> dict:
+                shards: tuple, where: str) -> dict:
     """[3] The +CRF level (crf/<id>.png) and IRN's confident labels (ir_labels/<id>.png) of each image."""
     out = Path(out)
     ids, status = [], []
-    for image_id, _, data, _ in _rows(batch, max_images):
+    for image_id, _, data, _ in _rows(ShardReader(*shards), batch):
         ids.append(image_id)
         if pseudo.is_done(out, pseudo.CRF, image_id) and pseudo.is_done(out, pseudo.IR_LABELS, image_id):
             status.append("kept")
@@ -101,13 +102,13 @@ def refine_rows(batch: dict, out: str, threshold: float, crf: str, fg: float, bg
 
 
 def irn_samples(batch: dict, out: str, crop: int, resize_range: list[float], seed: int, epoch: int,
-                max_images: int | None, where: str) -> dict:
+                shards: tuple, where: str) -> dict:
     """[4] IRN's training crops: image and confident labels rescaled by a random factor, flipped, cropped to `crop`
     (padding: image 0 after normalisation, label 255), the label taken at stride 4. Seeded by (seed, epoch, id)."""
     from acr.data.transforms import random_crop
 
     images, labels = [], []
-    for image_id, _, data, _ in _rows(batch, max_images):
+    for image_id, _, data, _ in _rows(ShardReader(*shards), batch):
         rng = np.random.default_rng([seed, epoch, zlib.crc32(image_id.encode())])
         raw = decode_image_bytes(data, f"image '{image_id}' of {where}")
         label = pseudo.read_label_png(pseudo.output_path(Path(out), pseudo.IR_LABELS, image_id))
@@ -191,18 +192,18 @@ def irn_train_loop(config: dict) -> None:
 class WalkStage:
     """[5] Boundary map, random walk and the final mask of each image -> masks/<id>.png."""
 
-    def __init__(self, cfg_dict: dict, out: str, max_images: int | None, where: str):
+    def __init__(self, cfg_dict: dict, out: str, shards: tuple, where: str):
         from acr.config import config_from_dict
 
         self.cfg, self.device = config_from_dict(cfg_dict), _device()
-        self.out, self.max_images, self.where = Path(out), max_images, where
+        self.out, self.reader, self.where = Path(out), ShardReader(*shards), where
         self.irn = build_irn(self.cfg, None, self.device)
         self.irn.load_state_dict(load_state(self.out / "irn")["irn"])
 
     def __call__(self, batch: dict) -> dict:
         ps = self.cfg.pseudo
         ids, status = [], []
-        for image_id, _, data, _ in _rows(batch, self.max_images):
+        for image_id, _, data, _ in _rows(self.reader, batch):
             ids.append(image_id)
             if pseudo.is_done(self.out, pseudo.MASKS, image_id):
                 status.append("kept")
@@ -240,11 +241,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
                       "output folder with a summary.json")
 
 
-def _read_split(uri: str, manifest: dict, split: str, max_images: int | None):
-    fs, base = _filesystem(uri)
-    shards = [s for s in manifest["splits"][split]["shards"] if max_images is None or s["first_index"] < max_images]
-    ds = ray.data.read_parquet([f"{base}/{s['file']}" for s in shards], filesystem=fs).select_columns(
-        ["id", "index", "image", "labels"])
+def _positions(total: int):
+    """The job's images as a Ray Data range of positions (blocks of 4: every actor of a pool gets work at once);
+    each stage reads its rows by index from the shards (one row group per image)."""
+    ds = ray.data.range(total, override_num_blocks=max(1, min(-(-total // 4), 5000)))
     ds.context.enable_progress_bars = False  # each stage shows one tqdm bar in images instead
     return ds
 
@@ -356,7 +356,7 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
     ckpt = str(resolve_checkpoint(ps.checkpoint))
     uri, manifest = ensure_shards(apply_overrides(cfg, {"eval.enabled": False}), [ps.split])
     ids = _split_ids(uri, manifest, ps.split, ps.max_images)
-    total = len(ids)
+    total, shards = len(ids), (uri, manifest, ps.split)
     where = f"the {ps.split} shards in {uri}"
     if not cfg.ray.num_cpus and not (cfg.ray.address):
         need = int(math.ceil(ps.actors * ps.actor_cpus)) + 1
@@ -368,9 +368,9 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
                  num_gpus=1 if cfg.scaling.use_gpu else 0)
     try:
         # [1] CAMs
-        stages["cams"] = _run_stage("cams", lambda: _read_split(uri, manifest, ps.split, ps.max_images).map_batches(
+        stages["cams"] = _run_stage("cams", lambda: _positions(total).map_batches(
             CamStage, fn_constructor_kwargs=dict(checkpoint=ckpt, out=str(out), scales=ps.scales, flip=ps.flip,
-                                                 max_images=ps.max_images, where=where), **actor),
+                                                 shards=shards, where=where), **actor),
             out, ids, (pseudo.CAMS,))
         # [2] the seed level's background threshold
         thresholds = thresholds_from(cfg.eval.thresholds)
@@ -391,18 +391,17 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
         _check_stage_params(out, {"seed_threshold": threshold, "crf": ps.crf, "conf_fg_threshold": ps.conf_fg_threshold,
                                   "conf_bg_threshold": ps.conf_bg_threshold}, "refine")
         # [3] +CRF level and confident labels
-        stages["refine"] = _run_stage("crf + confident labels", lambda: _read_split(
-            uri, manifest, ps.split, ps.max_images).map_batches(
+        stages["refine"] = _run_stage("crf + confident labels", lambda: _positions(total).map_batches(
             refine_rows, fn_kwargs=dict(out=str(out), threshold=threshold, crf=ps.crf, fg=ps.conf_fg_threshold,
-                                        bg=ps.conf_bg_threshold, num_classes=n_classes, max_images=ps.max_images,
+                                        bg=ps.conf_bg_threshold, num_classes=n_classes, shards=shards,
                                         where=where), batch_size=4, num_cpus=ps.actor_cpus),
             out, ids, (pseudo.CRF, pseudo.IR_LABELS))
         # [4] IRN
         stages["irn"] = train_irn(cfg, out, ckpt, uri, manifest, total, where)
         # [5] masks
-        stages["masks"] = _run_stage("masks", lambda: _read_split(uri, manifest, ps.split, ps.max_images).map_batches(
-            WalkStage, fn_constructor_kwargs=dict(cfg_dict=_cfg_dict(cfg), out=str(out), max_images=ps.max_images,
-                                                  where=where), **actor), out, ids, (pseudo.MASKS,))
+        stages["masks"] = _run_stage("masks", lambda: _positions(total).map_batches(
+            WalkStage, fn_constructor_kwargs=dict(cfg_dict=_cfg_dict(cfg), out=str(out), shards=shards, where=where),
+            **actor), out, ids, (pseudo.MASKS,))
     except Exception as exc:  # Ray wraps the stage's own error (a DataError naming the image): show that one
         cause = root_cause(exc)
         if cause is exc:
@@ -448,9 +447,10 @@ def train_irn(cfg: Config, out: Path, ckpt: str, uri: str, manifest: dict, total
     if (out / "irn" / STATE_FILE).is_file():
         return {"kept": True, "history": load_state(out / "irn")["history"]}
     t0 = time.perf_counter()
-    datasets = {f"epoch{e}": _read_split(uri, manifest, ps.split, ps.max_images).map_batches(
+    shards = (uri, manifest, ps.split)
+    datasets = {f"epoch{e}": _positions(total).map_batches(
         irn_samples, fn_kwargs=dict(out=str(out), crop=ps.irn_crop_size, resize_range=ps.irn_resize_range,
-                                    seed=cfg.train.seed, epoch=e, max_images=ps.max_images, where=where),
+                                    seed=cfg.train.seed, epoch=e, shards=shards, where=where),
         batch_size=8, num_cpus=ps.actor_cpus) for e in range(ps.irn_epochs)}
     trainer = TorchTrainer(
         irn_train_loop,
