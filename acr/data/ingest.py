@@ -24,8 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes
-from acr.data.voc import DataError
+from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes, iter_split_rows
 from acr.data.transforms import to_chw_normalized, train_transform
 
 # The "epoch" whose augmentations feed BatchNorm calibration at initialisation (never a training epoch).
@@ -75,8 +74,17 @@ class TrainPlan:
         out = np.empty_like(p)
         for e in np.unique(epochs):
             sel = epochs == e
-            out[sel] = idx[epoch_permutation(len(idx), self.seed, int(e))[within[sel]]]
+            out[sel] = idx[self._permutation(int(e))[within[sel]]]
         return epochs, out
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's permutation, drawn once per epoch (a stream moves forward: the last two are kept)."""
+        cache = self.__dict__.setdefault("_permutations", {})  # not a dataclass field: not in to_dict()
+        if epoch not in cache:
+            if len(cache) >= 2:
+                del cache[min(cache)]
+            cache[epoch] = epoch_permutation(len(self.indices), self.seed, epoch)
+        return cache[epoch]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,18 +163,8 @@ class EvalRows:
         self.uri, self.manifest, self.split = str(uri), manifest, split
 
     def iter_rows(self):
-        import pyarrow.parquet as pq
-
-        from acr.data.shards import _filesystem
-
-        fs, base = _filesystem(self.uri)
-        for shard in self.manifest["splits"][self.split]["shards"]:
-            try:
-                table = pq.read_table(fs.open_input_file(f"{base}/{shard['file']}"),
-                                      columns=["id", "index", "image", "labels", "mask"])
-            except (OSError, ValueError) as exc:
-                raise DataError(f"cannot read shard {self.uri}/{shard['file']}: {exc}") from exc
-            yield from table.to_pylist()
+        for _, row in iter_split_rows(self.uri, self.manifest, self.split, ["id", "index", "image", "labels", "mask"]):
+            yield row
 
 
 def eval_item(row: dict, num_classes: int, where: str) -> dict:

@@ -357,22 +357,28 @@ def decode_mask_bytes(data: bytes, where: str, num_classes: int) -> np.ndarray:
     return m
 
 
-def find_corrupt_rows(uri: str, manifest: dict, split: str) -> list[dict]:
-    """Every row of a split whose image or mask bytes do not decode: [{id, index, shard, reason}]. One pass over the
-    split (used by `data.skip_corrupt=true` before training, and by prepare_data.py --verify)."""
+def iter_split_rows(uri: str, manifest: dict, split: str, columns: list[str]) -> Iterator[tuple[dict, dict]]:
+    """(shard entry, row) for every row of a split in index order, `columns` only, one shard in memory at a time."""
     fs, base = _filesystem(str(uri))
-    bad = []
     for shard in manifest["splits"][split]["shards"]:
         try:
-            table = pq.read_table(fs.open_input_file(f"{base}/{shard['file']}"), columns=["id", "index", "image", "mask"])
+            table = pq.read_table(fs.open_input_file(f"{base}/{shard['file']}"), columns=list(columns))
         except (OSError, pa.ArrowInvalid) as exc:
             raise DataError(f"cannot read shard {uri}/{shard['file']}: {exc}") from exc
         for row in table.to_pylist():
-            where = f"row id '{row['id']}' of shard {uri}/{shard['file']}"
-            try:
-                decode_image_bytes(row["image"], where)
-                if row["mask"] is not None:
-                    decode_mask_bytes(row["mask"], where, manifest["num_classes"])
-            except DataError as exc:
-                bad.append({"id": row["id"], "index": row["index"], "shard": shard["file"], "reason": str(exc)})
+            yield shard, row
+
+
+def find_corrupt_rows(uri: str, manifest: dict, split: str) -> list[dict]:
+    """Every row of a split whose image or mask bytes do not decode: [{id, index, shard, reason}]. One pass over the
+    split (used by `data.skip_corrupt=true` before training, and by prepare_data.py --verify)."""
+    bad = []
+    for shard, row in iter_split_rows(uri, manifest, split, ["id", "index", "image", "mask"]):
+        where = f"row id '{row['id']}' of shard {uri}/{shard['file']}"
+        try:
+            decode_image_bytes(row["image"], where)
+            if row["mask"] is not None:
+                decode_mask_bytes(row["mask"], where, manifest["num_classes"])
+        except DataError as exc:
+            bad.append({"id": row["id"], "index": row["index"], "shard": shard["file"], "reason": str(exc)})
     return bad

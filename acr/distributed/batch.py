@@ -29,7 +29,7 @@ from tqdm import tqdm
 from acr.checkpoint import STATE_FILE, load_classifier, load_state, save_state
 from acr.config import Config, ConfigError, apply_overrides, num_classes
 from acr.data.ingest import EvalRows
-from acr.data.shards import ShardReader, _filesystem, decode_image_bytes, decode_mask_bytes
+from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes, iter_split_rows
 from acr.data.sources import ensure_shards
 from acr.data.transforms import to_chw_normalized
 from acr.data.voc import DataError
@@ -251,17 +251,8 @@ def _positions(total: int):
 
 def _split_ids(uri: str, manifest: dict, split: str, max_images: int | None) -> list[str]:
     """The ids of the job's images (only the id and index columns are read)."""
-    import pyarrow.parquet as pq
-
-    fs, base = _filesystem(uri)
-    ids = []
-    for s in manifest["splits"][split]["shards"]:
-        if max_images is not None and s["first_index"] >= max_images:
-            break
-        t = pq.read_table(fs.open_input_file(f"{base}/{s['file']}"), columns=["id", "index"])
-        ids += [i for i, k in zip(t.column("id").to_pylist(), t.column("index").to_pylist())
-                if max_images is None or k < max_images]
-    return ids
+    return [row["id"] for _, row in iter_split_rows(uri, manifest, split, ["id", "index"])
+            if max_images is None or row["index"] < max_images]
 
 
 def _run_stage(name: str, make_ds, out: Path, ids: list[str], kinds: tuple[str, ...]) -> dict:

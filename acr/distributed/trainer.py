@@ -45,10 +45,11 @@ def local_num_cpus(cfg: Config, trials: int = 0) -> int:
     own, or its tasks never run while the workers hold theirs (a silent deadlock); the logical count may exceed the
     cores, the OS shares them."""
     workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    per_run = workers + cfg.data.decode_actors * cfg.data.decode_cpus + 1
+    data = cfg.data.decode_actors * cfg.data.decode_cpus + 1
+    cores = os.cpu_count() or 1
     if trials:
-        return int(math.ceil(max(os.cpu_count() or 1, trials * per_run + trials * cfg.tune.trial_cpus)))
-    return int(math.ceil(max(os.cpu_count() or 1, workers) + per_run - workers))
+        return int(math.ceil(max(cores, trials * (workers + data + cfg.tune.trial_cpus))))
+    return int(math.ceil(max(cores, workers) + data))
 
 
 def init_ray(cfg: Config, trials: int = 0) -> None:
