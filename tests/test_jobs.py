@@ -79,3 +79,9 @@ def test_ray_job_submit_to_local_head(cache_dir, tmp_path):
         assert summary["epochs"] == 1 and 0 <= summary["cam_miou"] <= 1
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+def test_pseudo_labels_script_names_a_bad_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "ray_jobs/pseudo_labels.py", "--output-dir", str(tmp_path),
+                           "checkpoint=/nonexistent"], capture_output=True, text=True, timeout=120, cwd=REPO, env=_env())
+    assert proc.returncode == 2 and "pseudo.checkpoint=/nonexistent: not a checkpoint" in proc.stderr, proc.stderr
