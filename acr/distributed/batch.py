@@ -53,6 +53,20 @@ def _rows(reader, batch: dict):
         yield rec["id"], rec["index"], rec["image"], np.asarray(rec["labels"])
 
 
+def _each_missing(reader, batch: dict, out: Path, kinds: tuple[str, ...], where: str, make) -> dict:
+    """Calls make(image_id, raw image, labels) for each row of the batch whose `kinds` files are not all there;
+    returns the stage's per-image status ("done" or "kept")."""
+    ids, status = [], []
+    for image_id, _, data, labels in _rows(reader, batch):
+        ids.append(image_id)
+        if all(pseudo.is_done(out, k, image_id) for k in kinds):
+            status.append("kept")
+            continue
+        make(image_id, decode_image_bytes(data, f"image '{image_id}' of {where}"), labels)
+        status.append("done")
+    return {"id": np.array(ids, dtype=object), "status": np.array(status, dtype=object)}
+
+
 class CamStage:
     """[1] Multi-scale + flip CAMs of each image's labelled classes -> cams/<id>.npz."""
 
@@ -65,46 +79,37 @@ class CamStage:
         self.out, self.scales, self.flip, self.where = Path(out), scales, flip, where
 
     def __call__(self, batch: dict) -> dict:
-        ids, status = [], []
-        for image_id, _, data, labels in _rows(self.reader, batch):
-            ids.append(image_id)
-            if pseudo.is_done(self.out, pseudo.CAMS, image_id):
-                status.append("kept")
-                continue
-            raw = decode_image_bytes(data, f"image '{image_id}' of {self.where}")
-            image = torch.from_numpy(to_chw_normalized(raw)).to(self.device)
-            lab = torch.from_numpy(labels.astype(np.float32)).to(self.device)
-            cams = self.infer(self.model, image, lab, self.scales, self.flip).float().cpu().numpy()
-            keys = np.nonzero(labels > 0)[0]
-            pseudo.save_cams(pseudo.output_path(self.out, pseudo.CAMS, image_id), cams[keys], keys)
-            status.append("done")
-        return {"id": np.array(ids, dtype=object), "status": np.array(status, dtype=object)}
+        return _each_missing(self.reader, batch, self.out, (pseudo.CAMS,), self.where, self._cams)
+
+    def _cams(self, image_id: str, raw: np.ndarray, labels: np.ndarray) -> None:
+        image = torch.from_numpy(to_chw_normalized(raw)).to(self.device)
+        lab = torch.from_numpy(labels.astype(np.float32)).to(self.device)
+        cams = self.infer(self.model, image, lab, self.scales, self.flip).float().cpu().numpy()
+        keys = np.nonzero(labels > 0)[0]
+        pseudo.save_cams(pseudo.output_path(self.out, pseudo.CAMS, image_id), cams[keys], keys)
 
 
 def refine_rows(batch: dict, out: str, threshold: float, crf: str, fg: float, bg: float, num_classes: int,
                 shards: tuple, where: str) -> dict:
     """[3] The +CRF level (crf/<id>.png) and IRN's confident labels (ir_labels/<id>.png) of each image."""
     out = Path(out)
-    ids, status = [], []
-    for image_id, _, data, _ in _rows(ShardReader(*shards), batch):
-        ids.append(image_id)
-        if pseudo.is_done(out, pseudo.CRF, image_id) and pseudo.is_done(out, pseudo.IR_LABELS, image_id):
-            status.append("kept")
-            continue
-        raw = decode_image_bytes(data, f"image '{image_id}' of {where}")
+
+    def refine(image_id: str, raw: np.ndarray, _) -> None:
         cams, keys = pseudo.load_cams(pseudo.output_path(out, pseudo.CAMS, image_id))
         pseudo.write_label_png(pseudo.output_path(out, pseudo.CRF, image_id),
                                pseudo.crf_labels(raw, cams, keys, threshold, CRF_PRESETS[crf]))
         pseudo.write_label_png(pseudo.output_path(out, pseudo.IR_LABELS, image_id),
                                pseudo.ir_labels(raw, cams, keys, num_classes, fg, bg))
-        status.append("done")
-    return {"id": np.array(ids, dtype=object), "status": np.array(status, dtype=object)}
+
+    return _each_missing(ShardReader(*shards), batch, out, (pseudo.CRF, pseudo.IR_LABELS), where, refine)
 
 
 def irn_samples(batch: dict, out: str, crop: int, resize_range: list[float], seed: int, epoch: int,
                 shards: tuple, where: str) -> dict:
     """[4] IRN's training crops: image and confident labels rescaled by a random factor, flipped, cropped to `crop`
     (padding: image 0 after normalisation, label 255), the label taken at stride 4. Seeded by (seed, epoch, id)."""
+    from PIL import Image
+
     from acr.data.transforms import random_crop
 
     images, labels = [], []
@@ -114,8 +119,6 @@ def irn_samples(batch: dict, out: str, crop: int, resize_range: list[float], see
         label = pseudo.read_label_png(pseudo.output_path(Path(out), pseudo.IR_LABELS, image_id))
         s = rng.uniform(*resize_range)
         size = (max(1, round(raw.shape[1] * s)), max(1, round(raw.shape[0] * s)))
-        from PIL import Image
-
         raw = np.asarray(Image.fromarray(raw).resize(size, Image.BILINEAR))
         label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
         if rng.random() < 0.5:
@@ -201,21 +204,15 @@ class WalkStage:
         self.irn.load_state_dict(load_state(self.out / "irn")["irn"])
 
     def __call__(self, batch: dict) -> dict:
+        return _each_missing(self.reader, batch, self.out, (pseudo.MASKS,), self.where, self._mask)
+
+    def _mask(self, image_id: str, raw: np.ndarray, _) -> None:
         ps = self.cfg.pseudo
-        ids, status = [], []
-        for image_id, _, data, _ in _rows(self.reader, batch):
-            ids.append(image_id)
-            if pseudo.is_done(self.out, pseudo.MASKS, image_id):
-                status.append("kept")
-                continue
-            raw = decode_image_bytes(data, f"image '{image_id}' of {self.where}")
-            cams, keys = pseudo.load_cams(pseudo.output_path(self.out, pseudo.CAMS, image_id))
-            image = torch.from_numpy(to_chw_normalized(raw)).to(self.device)
-            mask = pseudo.walk_labels(self.irn, image, cams, keys, ps.beta, ps.exp_times, ps.walk_radius,
-                                      ps.cam_power, ps.sem_seg_bg_threshold)
-            pseudo.write_label_png(pseudo.output_path(self.out, pseudo.MASKS, image_id), mask)
-            status.append("done")
-        return {"id": np.array(ids, dtype=object), "status": np.array(status, dtype=object)}
+        cams, keys = pseudo.load_cams(pseudo.output_path(self.out, pseudo.CAMS, image_id))
+        image = torch.from_numpy(to_chw_normalized(raw)).to(self.device)
+        mask = pseudo.walk_labels(self.irn, image, cams, keys, ps.beta, ps.exp_times, ps.walk_radius,
+                                  ps.cam_power, ps.sem_seg_bg_threshold)
+        pseudo.write_label_png(pseudo.output_path(self.out, pseudo.MASKS, image_id), mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
