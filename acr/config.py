@@ -286,6 +286,68 @@ class PseudoConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """ray_jobs/segment.py: DeepLab trained on pseudo-labels (or on the ground truth: the upper bound), evaluated on
+    `val_split` single scale, multi-scale + flip, and + dense CRF. Defaults are the paper's (DeepLab-v2 head on
+    ResNet-38, lr 0.001) and deeplab-pytorch's voc12.yaml where the paper is silent."""
+    # A folder of <id>.png label maps (0 background, c+1 class c, 255 ignore; palette or grey PNGs): a pseudo-label
+    # job's folder (its masks/ are read, and its config and split are used) or any such folder. `gt`: the split's
+    # ground-truth masks, for the fully supervised upper bound.
+    labels: str | None = None
+    split: str = "train"  # the training images (VOC: train_aug)
+    val_split: str = "val"
+    max_images: int | None = None
+    max_val_images: int | None = None
+    # `aspp_v2`: DeepLab-v2's ASPP (3x3 convs at rates 6/12/18/24 to class scores, summed), the paper's DeepLab on
+    # ResNet-38. `aspp_v3`: torchvision's DeepLabV3 head (ASPP with image pooling, 256 channels).
+    head: Literal["aspp_v2", "aspp_v3"] = "aspp_v2"
+    backbone: Literal["resnet38d", "resnet50", "resnet101", "resnet18"] = "resnet38d"
+    output_stride: Literal[8, 16] = 8
+    # ImageNet weights for the backbone (a file, as model.pretrained); never downloaded.
+    pretrained: str | None = None
+    # Or the backbone of an ACR classifier (a checkpoint, train.py or tune.py folder; it was trained with image-level
+    # labels only). Used by the pipeline on the embedded dataset, where no ImageNet weights exist.
+    init_backbone: str | None = None
+    freeze_bn: bool = True  # backbone BatchNorm in eval mode (deeplab-pytorch); the head's trains
+    epochs: int = 30
+    max_steps_per_epoch: int | None = None
+    batch_size: int = 10
+    lr: float = 0.001  # the paper (Sec. 5.1)
+    head_lr_multiplier: float = 10.0  # deeplab-pytorch: the ASPP at 10x
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    crop_size: int = 321
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    flip: bool = True
+    eval_scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
+    eval_flip: bool = True
+    crf: str = "deeplab"  # acr.refine.crf.CRF_PRESETS
+    actors: int = 2  # prediction actor pool size
+    actor_cpus: float = 1.0  # per prediction actor and per training-crop task
+    overlays: int = 6
+
+
+@dataclass
+class PipelineConfig:
+    """ray_jobs/pipeline.py: [1] CAMs (Tune search, or one training run) -> [2] pseudo-labels -> [3] DeepLab on them
+    -> [4] DeepLab on the ground truth (upper bound) -> report. A stage whose folder holds its summary.json is
+    skipped; a stage that was interrupted resumes from its own files."""
+    # Skip stage 1: an ACR checkpoint, train.py or tune.py folder.
+    checkpoint: str | None = None
+    # Stage 1 is a Tune search (tune.*, pipeline.space); false: one training run with this config.
+    search: bool = True
+    # The search space file (null: search_spaces/demo.yaml of this checkout).
+    space: str | None = None
+    # Skip stage 2: a folder of <id>.png pseudo-labels (or a pseudo-label job's folder).
+    labels: str | None = None
+    # Stage 4: DeepLab on the ground-truth masks of segment.split too (only where every image has one).
+    upper_bound: bool = True
+    # Without segment.pretrained / segment.init_backbone, start DeepLab's backbone from the stage-1 classifier's.
+    init_segmentation_from_classifier: bool = True
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -299,6 +361,8 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -548,6 +612,22 @@ def validate(cfg: Config) -> None:
          "pseudo.irn_batch_size, pseudo.irn_epochs and pseudo.actors must be >= 1, pseudo.actor_cpus > 0")
     need(ps.beta > 0 and ps.exp_times >= 0 and ps.cam_power > 0, "pseudo.beta and pseudo.cam_power must be > 0, "
          "pseudo.exp_times >= 0")
+    sg = cfg.segment
+    need(sg.epochs >= 1 and sg.batch_size >= 1, f"segment.epochs and segment.batch_size must be >= 1, got "
+         f"{sg.epochs} and {sg.batch_size}")
+    need(sg.batch_size % cfg.scaling.num_workers == 0, f"segment.batch_size={sg.batch_size} must divide evenly among "
+         f"scaling.num_workers={cfg.scaling.num_workers}")
+    need(sg.head != "aspp_v3" or sg.batch_size // cfg.scaling.num_workers >= 2,
+         "segment.head=aspp_v3 trains BatchNorm after global pooling: it needs at least 2 images per worker "
+         f"(segment.batch_size={sg.batch_size}, scaling.num_workers={cfg.scaling.num_workers})")
+    need(sg.lr > 0 and sg.head_lr_multiplier > 0, "segment.lr and segment.head_lr_multiplier must be > 0")
+    need(sg.crop_size >= 16, f"segment.crop_size must be >= 16, got {sg.crop_size}")
+    need(len(sg.scale_range) == 2 and 0 < sg.scale_range[0] <= sg.scale_range[1],
+         f"segment.scale_range must be [low, high] with 0 < low <= high, got {sg.scale_range}")
+    need(sg.eval_scales and all(s > 0 for s in sg.eval_scales), f"segment.eval_scales must be positive, got "
+         f"{sg.eval_scales}")
+    need(sg.actors >= 1 and sg.actor_cpus > 0, "segment.actors must be >= 1 and segment.actor_cpus > 0")
+    need(not (sg.pretrained and sg.init_backbone), "segment.pretrained and segment.init_backbone both set: choose one")
 
 
 def num_classes(cfg: Config) -> int:

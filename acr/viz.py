@@ -69,20 +69,36 @@ def save_curves(path: Path, history: list[dict], thresholds: np.ndarray, sweep_m
     plt.close(fig)
 
 
-def save_level_overlays(path: Path, items: list[dict], threshold: float) -> None:
-    """One row per image: image, ground truth, seed (CAM > threshold), +CRF, IRN's confident labels (white: not
-    confident), final mask. `items`: dicts with id, raw, gt, seed, crf, ir, mask."""
+def save_label_panels(path: Path, items: list[dict], panels: list[tuple[str, str]]) -> None:
+    """One row per image: the image, then each (key, title) of `panels` as a label map in VOC colours.
+    `items`: dicts with id, raw and the panels' keys."""
     if not items:
         return
-    fig, axes = plt.subplots(len(items), 6, figsize=(14, 2.5 * len(items)), squeeze=False)
-    titles = ["ground truth", f"seed (> {threshold:.2f})", "+ CRF", "confident labels", "mask (IRN)"]
+    fig, axes = plt.subplots(len(items), len(panels) + 1, figsize=(2.4 * (len(panels) + 1), 2.5 * len(items)),
+                             squeeze=False)
     for row, it in zip(axes, items):
-        panels = [(it["raw"], it["id"])] + [(colorize(it[k]), t) for k, t in zip(("gt", "seed", "crf", "ir", "mask"),
-                                                                                 titles)]
-        for ax, (img, title) in zip(row, panels):
+        for ax, (img, title) in zip(row, [(it["raw"], it["id"])] + [(colorize(it[k]), t) for k, t in panels]):
             ax.axis("off")
             ax.set_title(title, fontsize=8)
             ax.imshow(img)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_level_overlays(path: Path, items: list[dict], threshold: float) -> None:
+    """Pseudo-label levels: image, ground truth, seed (CAM > threshold), +CRF, IRN's confident labels (white: not
+    confident), final mask. `items`: dicts with id, raw, gt, seed, crf, ir, mask."""
+    save_label_panels(path, items, [("gt", "ground truth"), ("seed", f"seed (> {threshold:.2f})"), ("crf", "+ CRF"),
+                                    ("ir", "confident labels"), ("mask", "mask (IRN)")])
+
+
+def save_loss_curve(path: Path, history: list[dict]) -> None:
+    """Training loss per epoch."""
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from acr.config import ConfigError, Config, apply_overrides, load_config
-from acr.distributed.batch import _check_stage_params, job_config, resolve_checkpoint, run_pseudo_labels
+from acr.distributed.batch import check_stage_params, job_config, resolve_checkpoint, run_pseudo_labels
 from acr.distributed.trainer import run_local
 from acr.refine import pseudo
 from tests.conftest import TINY_OVERRIDES
@@ -81,10 +81,11 @@ def test_checkpoint_is_found_from_a_run_or_tune_folder_and_bad_ones_are_named(vo
 
 
 def test_files_made_with_other_settings_are_not_reused(tmp_path):
-    _check_stage_params(tmp_path, {"seed_threshold": 0.3, "crf": "psa"}, "refine")
-    _check_stage_params(tmp_path, {"seed_threshold": 0.3, "crf": "psa"}, "refine")  # same settings: fine
-    with pytest.raises(ConfigError, match="seed_threshold=0.3, not 0.9"):
-        _check_stage_params(tmp_path, {"seed_threshold": 0.9, "crf": "psa"}, "refine")
+    made = "crf/ and ir_labels/"
+    check_stage_params(tmp_path, {"seed_threshold": 0.3, "crf": "psa"}, "refine", made)
+    check_stage_params(tmp_path, {"seed_threshold": 0.3, "crf": "psa"}, "refine", made)  # same settings: fine
+    with pytest.raises(ConfigError, match="seed_threshold=0.3, not 0.9: use another --output-dir, or delete crf/"):
+        check_stage_params(tmp_path, {"seed_threshold": 0.9, "crf": "psa"}, "refine", made)
 
 
 def test_per_image_steps_on_hand_made_cams(tmp_path):

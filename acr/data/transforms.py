@@ -35,10 +35,12 @@ def random_flip(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img[:, ::-1] if rng.random() < 0.5 else img
 
 
-def random_crop(img: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """A size x size crop; where the image is smaller it is placed at a random offset in a zero-filled container."""
+def random_crop(img: np.ndarray, rng: np.random.Generator, size: int, fill=0) -> np.ndarray:
+    """A size x size crop; where the image is smaller it is placed at a random offset in a container filled with
+    `fill` (a scalar, or one value per channel)."""
     h, w = img.shape[:2]
-    out = np.zeros((size, size) + img.shape[2:], img.dtype)
+    out = np.empty((size, size) + img.shape[2:], img.dtype)
+    out[...] = fill
     ch, cw = min(size, h), min(size, w)
 
     def offsets(space: int) -> tuple[int, int]:  # (container offset, image offset)
@@ -60,6 +62,24 @@ def train_transform(img: np.ndarray, rng: np.random.Generator, resize_mode: str,
         img = random_flip(img, rng)
     img = random_crop(normalize(img), rng, crop_size)
     return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def scale_flip_crop_pair(raw: np.ndarray, label: np.ndarray, rng: np.random.Generator, resize_range, crop: int,
+                         flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Image (uint8 HxWx3) and label map (uint8 HxW) rescaled by one factor drawn from resize_range (bilinear and
+    nearest), flipped together, normalised and cropped at the same place; padding is 0 (the mean colour) in the
+    image and 255 (ignore) in the label. Returns (3 x crop x crop float32, crop x crop uint8)."""
+    if raw.shape[:2] != label.shape:
+        raise ValueError(f"image {raw.shape[:2]} and label map {label.shape} differ in size")
+    s = rng.uniform(*resize_range)
+    size = (max(1, round(raw.shape[1] * s)), max(1, round(raw.shape[0] * s)))
+    raw = np.asarray(Image.fromarray(raw).resize(size, Image.BILINEAR))
+    label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    if flip and rng.random() < 0.5:
+        raw, label = raw[:, ::-1], label[:, ::-1]
+    both = np.concatenate([normalize(np.ascontiguousarray(raw)), label[..., None].astype(np.float32)], axis=2)
+    both = random_crop(both, rng, crop, fill=np.array([0, 0, 0, 255], np.float32))
+    return np.ascontiguousarray(both[..., :3].transpose(2, 0, 1)), both[..., 3].astype(np.uint8)
 
 
 def to_chw_normalized(img: np.ndarray) -> np.ndarray:

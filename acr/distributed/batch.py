@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from acr.checkpoint import STATE_FILE, load_classifier, load_state, save_state
-from acr.config import Config, ConfigError, apply_overrides, num_classes
+from acr.config import Config, ConfigError, apply_overrides, num_classes, to_dict
 from acr.data.ingest import EvalRows
 from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes, iter_split_rows
 from acr.data.sources import ensure_shards
@@ -45,24 +45,31 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _rows(reader, batch: dict):
-    """(id, index, image bytes, labels) of the rows of a Ray Data batch of positions (`id` column of
-    ray.data.range), read from the split's shards by index."""
-    indices = reader.index.indices[np.asarray(batch["id"], np.int64)]
-    for rec in reader.read(indices):
-        yield rec["id"], rec["index"], rec["image"], np.asarray(rec["labels"])
+def rows_of(reader, batch: dict, order: np.ndarray | None = None, columns=("id", "index", "image", "labels")):
+    """The rows (dicts of `columns`) of a Ray Data batch of positions (`id` column of ray.data.range), read from the
+    split's shards by index; position p stands for image order[p] of the split where an order is given."""
+    positions = np.asarray(batch["id"], np.int64)
+    yield from reader.read(reader.index.indices[positions if order is None else order[positions]], columns)
 
 
-def _each_missing(reader, batch: dict, out: Path, kinds: tuple[str, ...], where: str, make) -> dict:
+def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which a training epoch of a batch job's network (IRN, DeepLab) visits the split's images."""
+    from acr.data.ingest import epoch_permutation
+
+    return epoch_permutation(num_images, seed, epoch)
+
+
+def each_missing(reader, batch: dict, out: Path, kinds: tuple[str, ...], where: str, make) -> dict:
     """Calls make(image_id, raw image, labels) for each row of the batch whose `kinds` files are not all there;
     returns the stage's per-image status ("done" or "kept")."""
     ids, status = [], []
-    for image_id, _, data, labels in _rows(reader, batch):
+    for rec in rows_of(reader, batch):
+        image_id = rec["id"]
         ids.append(image_id)
         if all(pseudo.is_done(out, k, image_id) for k in kinds):
             status.append("kept")
             continue
-        make(image_id, decode_image_bytes(data, f"image '{image_id}' of {where}"), labels)
+        make(image_id, decode_image_bytes(rec["image"], f"image '{image_id}' of {where}"), np.asarray(rec["labels"]))
         status.append("done")
     return {"id": np.array(ids, dtype=object), "status": np.array(status, dtype=object)}
 
@@ -79,7 +86,7 @@ class CamStage:
         self.out, self.scales, self.flip, self.where = Path(out), scales, flip, where
 
     def __call__(self, batch: dict) -> dict:
-        return _each_missing(self.reader, batch, self.out, (pseudo.CAMS,), self.where, self._cams)
+        return each_missing(self.reader, batch, self.out, (pseudo.CAMS,), self.where, self._cams)
 
     def _cams(self, image_id: str, raw: np.ndarray, labels: np.ndarray) -> None:
         image = torch.from_numpy(to_chw_normalized(raw)).to(self.device)
@@ -101,35 +108,26 @@ def refine_rows(batch: dict, out: str, threshold: float, crf: str, fg: float, bg
         pseudo.write_label_png(pseudo.output_path(out, pseudo.IR_LABELS, image_id),
                                pseudo.ir_labels(raw, cams, keys, num_classes, fg, bg))
 
-    return _each_missing(ShardReader(*shards), batch, out, (pseudo.CRF, pseudo.IR_LABELS), where, refine)
+    return each_missing(ShardReader(*shards), batch, out, (pseudo.CRF, pseudo.IR_LABELS), where, refine)
 
 
-def irn_samples(batch: dict, out: str, crop: int, resize_range: list[float], seed: int, epoch: int,
+def irn_samples(batch: dict, out: str, crop: int, resize_range: list[float], seed: int, epoch: int, total: int,
                 shards: tuple, where: str) -> dict:
     """[4] IRN's training crops: image and confident labels rescaled by a random factor, flipped, cropped to `crop`
-    (padding: image 0 after normalisation, label 255), the label taken at stride 4. Seeded by (seed, epoch, id)."""
-    from PIL import Image
-
-    from acr.data.transforms import random_crop
+    (padding: image 0 after normalisation, label 255), the label taken at stride 4. Seeded by (seed, epoch, id);
+    the epoch visits the job's `total` images in a permuted order."""
+    from acr.data.transforms import scale_flip_crop_pair
 
     images, labels = [], []
-    for image_id, _, data, _ in _rows(ShardReader(*shards), batch):
+    reader = ShardReader(*shards)
+    for rec in rows_of(reader, batch, epoch_order(total, seed, epoch)):
+        image_id = rec["id"]
         rng = np.random.default_rng([seed, epoch, zlib.crc32(image_id.encode())])
-        raw = decode_image_bytes(data, f"image '{image_id}' of {where}")
+        raw = decode_image_bytes(rec["image"], f"image '{image_id}' of {where}")
         label = pseudo.read_label_png(pseudo.output_path(Path(out), pseudo.IR_LABELS, image_id))
-        s = rng.uniform(*resize_range)
-        size = (max(1, round(raw.shape[1] * s)), max(1, round(raw.shape[0] * s)))
-        raw = np.asarray(Image.fromarray(raw).resize(size, Image.BILINEAR))
-        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
-        if rng.random() < 0.5:
-            raw, label = raw[:, ::-1], label[:, ::-1]
-        both = np.concatenate([to_chw_normalized(np.ascontiguousarray(raw)).transpose(1, 2, 0),
-                               label[..., None].astype(np.float32) - 1000.0], axis=2)  # label marked to pad apart
-        both = random_crop(both, rng, crop)
-        image, lab = both[..., :3], both[..., 3]
-        lab = np.where(lab == 0, 255, lab + 1000.0)  # padding (0) -> ignore
-        images.append(image.transpose(2, 0, 1).astype(np.float32))
-        labels.append(lab[::4, ::4].astype(np.uint8))
+        image, lab = scale_flip_crop_pair(raw, label, rng, resize_range, crop)
+        images.append(image)
+        labels.append(lab[::4, ::4])
     return {"image": np.stack(images) if images else np.zeros((0, 3, crop, crop), np.float32),
             "label": np.stack(labels) if labels else np.zeros((0, crop // 4, crop // 4), np.uint8)}
 
@@ -204,7 +202,7 @@ class WalkStage:
         self.irn.load_state_dict(load_state(self.out / "irn")["irn"])
 
     def __call__(self, batch: dict) -> dict:
-        return _each_missing(self.reader, batch, self.out, (pseudo.MASKS,), self.where, self._mask)
+        return each_missing(self.reader, batch, self.out, (pseudo.MASKS,), self.where, self._mask)
 
     def _mask(self, image_id: str, raw: np.ndarray, _) -> None:
         ps = self.cfg.pseudo
@@ -238,7 +236,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                       "output folder with a summary.json")
 
 
-def _positions(total: int):
+def positions(total: int):
     """The job's images as a Ray Data range of positions (blocks of 4: every actor of a pool gets work at once);
     each stage reads its rows by index from the shards (one row group per image)."""
     ds = ray.data.range(total, override_num_blocks=max(1, min(-(-total // 4), 5000)))
@@ -246,13 +244,13 @@ def _positions(total: int):
     return ds
 
 
-def _split_ids(uri: str, manifest: dict, split: str, max_images: int | None) -> list[str]:
+def split_ids(uri: str, manifest: dict, split: str, max_images: int | None) -> list[str]:
     """The ids of the job's images (only the id and index columns are read)."""
     return [row["id"] for _, row in iter_split_rows(uri, manifest, split, ["id", "index"])
             if max_images is None or row["index"] < max_images]
 
 
-def _run_stage(name: str, make_ds, out: Path, ids: list[str], kinds: tuple[str, ...]) -> dict:
+def run_stage(name: str, make_ds, out: Path, ids: list[str], kinds: tuple[str, ...]) -> dict:
     """Run a stage over the images whose `kinds` files are missing (none missing: not even started), consuming its
     dataset with a progress bar; counts of images done and kept (already complete)."""
     missing = sum(not all(pseudo.is_done(out, k, i) for k in kinds) for i in ids)
@@ -270,7 +268,7 @@ def _run_stage(name: str, make_ds, out: Path, ids: list[str], kinds: tuple[str, 
     return counts
 
 
-def _gt_rows(uri: str, manifest: dict, split: str, max_images: int | None, n_classes: int):
+def gt_rows(uri: str, manifest: dict, split: str, max_images: int | None, n_classes: int):
     for row in EvalRows(uri, manifest, split).iter_rows():
         if max_images is not None and row["index"] >= max_images:
             continue
@@ -282,7 +280,7 @@ def seed_sweep(out: Path, uri: str, manifest: dict, split: str, max_images: int 
                thresholds: np.ndarray) -> tuple[np.ndarray, int]:
     """[2] Confusion matrices of the seed level at every background threshold, summed over the labelled images."""
     sweep, n = np.zeros((len(thresholds), n_classes + 1, n_classes + 1), np.int64), 0
-    for image_id, gt, _ in _gt_rows(uri, manifest, split, max_images, n_classes):
+    for image_id, gt, _ in gt_rows(uri, manifest, split, max_images, n_classes):
         cams, keys = pseudo.load_cams(pseudo.output_path(out, pseudo.CAMS, image_id))
         sweep += threshold_sweep_confusion(pseudo.full_cams(cams, keys, n_classes), gt, thresholds)
         n += 1
@@ -296,7 +294,7 @@ def evaluate_levels(out: Path, uri: str, manifest: dict, split: str, max_images:
     n = n_classes + 1
     conf = {k: np.zeros((n, n), np.int64) for k in ("seed", "crf", "mask", "ir")}
     items = []
-    for image_id, gt, row in _gt_rows(uri, manifest, split, max_images, n_classes):
+    for image_id, gt, row in gt_rows(uri, manifest, split, max_images, n_classes):
         cams, keys = pseudo.load_cams(pseudo.output_path(out, pseudo.CAMS, image_id))
         maps = {"seed": pseudo.seed_labels(cams, keys, threshold),
                 "crf": pseudo.read_label_png(pseudo.output_path(out, pseudo.CRF, image_id)),
@@ -343,7 +341,7 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
     ps, n_classes = cfg.pseudo, num_classes(cfg)
     ckpt = str(resolve_checkpoint(ps.checkpoint))
     uri, manifest = ensure_shards(apply_overrides(cfg, {"eval.enabled": False}), [ps.split])
-    ids = _split_ids(uri, manifest, ps.split, ps.max_images)
+    ids = split_ids(uri, manifest, ps.split, ps.max_images)
     total, shards = len(ids), (uri, manifest, ps.split)
     where = f"the {ps.split} shards in {uri}"
     if not cfg.ray.num_cpus and not (cfg.ray.address):
@@ -356,7 +354,7 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
                  num_gpus=1 if cfg.scaling.use_gpu else 0)
     try:
         # [1] CAMs
-        stages["cams"] = _run_stage("cams", lambda: _positions(total).map_batches(
+        stages["cams"] = run_stage("cams", lambda: positions(total).map_batches(
             CamStage, fn_constructor_kwargs=dict(checkpoint=ckpt, out=str(out), scales=ps.scales, flip=ps.flip,
                                                  shards=shards, where=where), **actor),
             out, ids, (pseudo.CAMS,))
@@ -376,10 +374,11 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
             raise ConfigError(f"split '{ps.split}' has no ground truth to choose the seed threshold: set "
                               "pseudo.seed_threshold")
         summary.update({"seed_threshold": threshold, "seed_threshold_source": source})
-        _check_stage_params(out, {"seed_threshold": threshold, "crf": ps.crf, "conf_fg_threshold": ps.conf_fg_threshold,
-                                  "conf_bg_threshold": ps.conf_bg_threshold}, "refine")
+        check_stage_params(out, {"seed_threshold": threshold, "crf": ps.crf, "conf_fg_threshold": ps.conf_fg_threshold,
+                                  "conf_bg_threshold": ps.conf_bg_threshold}, "refine",
+                           f"{out / pseudo.CRF} and {out / pseudo.IR_LABELS}")
         # [3] +CRF level and confident labels
-        stages["refine"] = _run_stage("crf + confident labels", lambda: _positions(total).map_batches(
+        stages["refine"] = run_stage("crf + confident labels", lambda: positions(total).map_batches(
             refine_rows, fn_kwargs=dict(out=str(out), threshold=threshold, crf=ps.crf, fg=ps.conf_fg_threshold,
                                         bg=ps.conf_bg_threshold, num_classes=n_classes, shards=shards,
                                         where=where), batch_size=4, num_cpus=ps.actor_cpus),
@@ -387,8 +386,8 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
         # [4] IRN
         stages["irn"] = train_irn(cfg, out, ckpt, uri, manifest, total, where)
         # [5] masks
-        stages["masks"] = _run_stage("masks", lambda: _positions(total).map_batches(
-            WalkStage, fn_constructor_kwargs=dict(cfg_dict=_cfg_dict(cfg), out=str(out), shards=shards, where=where),
+        stages["masks"] = run_stage("masks", lambda: positions(total).map_batches(
+            WalkStage, fn_constructor_kwargs=dict(cfg_dict=to_dict(cfg), out=str(out), shards=shards, where=where),
             **actor), out, ids, (pseudo.MASKS,))
     except Exception as exc:  # Ray wraps the stage's own error (a DataError naming the image): show that one
         cause = root_cause(exc)
@@ -404,26 +403,21 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
         save_level_overlays(out / "levels.png", items, threshold)
         (out / "table3.md").write_text(table3(summary))
     stages["evaluation"] = {"seconds": round(time.perf_counter() - t0, 2)}
-    summary["config"] = _cfg_dict(cfg)
+    summary["config"] = to_dict(cfg)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def _cfg_dict(cfg: Config) -> dict:
-    from acr.config import to_dict
-
-    return to_dict(cfg)
-
-
-def _check_stage_params(out: Path, params: dict, stage: str) -> None:
-    """Files of a stage made with other parameters are not reused silently: the rerun stops, naming the key."""
+def check_stage_params(out: Path, params: dict, stage: str, made: str) -> None:
+    """Files of a stage made with other parameters are not reused silently: the rerun stops, naming the key and
+    what to delete (`made`) to redo the stage."""
     path = out / f"{stage}_params.json"
     if path.is_file():
         old = json.loads(path.read_text())
         for k, v in params.items():
             if old.get(k) != v:
                 raise ConfigError(f"{out} holds the {stage} stage's files made with {k}={old.get(k)}, not {v}: use "
-                                  f"another --output-dir, or delete {out}/{pseudo.CRF} and {out}/{pseudo.IR_LABELS}")
+                                  f"another --output-dir, or delete {made}")
     path.write_text(json.dumps(params))
 
 
@@ -436,13 +430,13 @@ def train_irn(cfg: Config, out: Path, ckpt: str, uri: str, manifest: dict, total
         return {"kept": True, "history": load_state(out / "irn")["history"]}
     t0 = time.perf_counter()
     shards = (uri, manifest, ps.split)
-    datasets = {f"epoch{e}": _positions(total).map_batches(
+    datasets = {f"epoch{e}": positions(total).map_batches(
         irn_samples, fn_kwargs=dict(out=str(out), crop=ps.irn_crop_size, resize_range=ps.irn_resize_range,
-                                    seed=cfg.train.seed, epoch=e, shards=shards, where=where),
+                                    seed=cfg.train.seed, epoch=e, total=total, shards=shards, where=where),
         batch_size=8, num_cpus=ps.actor_cpus) for e in range(ps.irn_epochs)}
     trainer = TorchTrainer(
         irn_train_loop,
-        train_loop_config={"config": _cfg_dict(cfg), "checkpoint": ckpt, "out": str(out), "num_images": total},
+        train_loop_config={"config": to_dict(cfg), "checkpoint": ckpt, "out": str(out), "num_images": total},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         datasets=datasets,

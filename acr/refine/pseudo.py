@@ -28,11 +28,11 @@ from acr.refine.crf import CRFParams, LabelCRFParams, crf_inference
 from acr.refine.irn import IRNet, confident_labels, labels_from_walk, propagate
 
 CAMS, CRF, IR_LABELS, MASKS = "cams", "crf", "ir_labels", "masks"
-SUFFIX = {CAMS: ".npz", CRF: ".png", IR_LABELS: ".png", MASKS: ".png"}
+SUFFIX = {CAMS: ".npz"}  # every other kind of file (masks, DeepLab's predictions) is a .png
 
 
 def output_path(out: Path, kind: str, image_id: str) -> Path:
-    return Path(out) / kind / f"{image_id}{SUFFIX[kind]}"
+    return Path(out) / kind / f"{image_id}{SUFFIX.get(kind, '.png')}"
 
 
 def is_done(out: Path, kind: str, image_id: str) -> bool:
@@ -61,6 +61,32 @@ def read_label_png(path: Path) -> np.ndarray:
         if im.mode != "P":
             raise ValueError(f"{path}: expected a palette-indexed PNG, got mode {im.mode}")
         return np.asarray(im, np.uint8)
+
+
+def load_label_map(path: Path, shape: tuple[int, int], num_classes: int) -> np.ndarray:
+    """A training label map given by the user or a pseudo-label job: a palette or greyscale PNG of the image's size
+    with values 0 (background), 1..num_classes, or 255 (ignore). Anything else is a DataError naming the file."""
+    from acr.data.voc import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"label map {path} is missing")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise DataError(f"{path}: a label map must be a palette or greyscale PNG of class indices, got mode "
+                                f"{im.mode}")
+            labels = np.asarray(im, np.uint8)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable PNG label map ({exc})") from exc
+    if labels.shape != tuple(shape):
+        raise DataError(f"{path}: label map is {labels.shape[1]}x{labels.shape[0]} (w x h), the image is "
+                        f"{shape[1]}x{shape[0]}")
+    bad = np.setdiff1d(np.unique(labels), np.r_[np.arange(num_classes + 1), 255])
+    if bad.size:
+        raise DataError(f"{path}: class id(s) {bad.tolist()} beyond the class count {num_classes} (0 background, "
+                        "255 ignore)")
+    return labels
 
 
 def save_cams(path: Path, cams: np.ndarray, keys: np.ndarray) -> None:
