@@ -627,6 +627,8 @@ def validate(cfg: Config) -> None:
     need(sg.eval_scales and all(s > 0 for s in sg.eval_scales), f"segment.eval_scales must be positive, got "
          f"{sg.eval_scales}")
     need(sg.actors >= 1 and sg.actor_cpus > 0, "segment.actors must be >= 1 and segment.actor_cpus > 0")
+    need(sg.backbone != "resnet38d" or sg.output_stride == 8,
+         f"segment.backbone=resnet38d has output stride 8 only, got segment.output_stride={sg.output_stride}")
     need(not (sg.pretrained and sg.init_backbone), "segment.pretrained and segment.init_backbone both set: choose one")
 
 
