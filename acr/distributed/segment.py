@@ -25,10 +25,11 @@ import numpy as np
 import ray
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from acr.checkpoint import STATE_FILE, load_state, save_state
 from acr.config import Config, ConfigError, apply_overrides, config_from_dict, num_classes, to_dict
-from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes
+from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes, iter_split_rows
 from acr.data.sources import ensure_shards
 from acr.data.transforms import to_chw_normalized
 from acr.data.voc import DataError
@@ -110,6 +111,12 @@ def segment_samples(batch: dict, labels: str, crop: int, scale_range: list[float
             "label": np.stack(targets) if targets else np.zeros((0, crop, crop), np.uint8)}
 
 
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
+    """deeplab-pytorch's poly schedule: base_lr (1 - step / total_steps)^power, step counted from 0 (the last of
+    `total_steps` steps runs at base_lr (1 / total_steps)^power, never at 0)."""
+    return base_lr * (1 - min(step, total_steps - 1) / total_steps) ** power
+
+
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Pixel cross-entropy over the labelled pixels (255 ignored); 0 for a batch without any."""
     total = F.cross_entropy(logits.float(), labels.long(), ignore_index=255, reduction="sum")
@@ -147,7 +154,7 @@ def segment_train_loop(config: dict) -> None:
         for i, batch in enumerate(batches):
             step = epoch * steps + i
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * (1 - min(step, total_steps - 1) / total_steps) ** sg.poly_power
+                g["lr"] = poly_lr(g["base_lr"], step, total_steps, sg.poly_power)
             with autocast_context(device, cfg.train.precision):
                 logits = ddp(batch["image"])
             loss = segmentation_loss(logits, batch["label"])
@@ -161,7 +168,8 @@ def segment_train_loop(config: dict) -> None:
             losses.append(loss.item())
         seconds = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None, "steps": len(losses),
-                        "images_per_second": len(losses) * sg.batch_size / seconds if losses else None})
+                        "images_per_second": len(losses) * sg.batch_size / seconds if losses else None,
+                        "backbone_lr_last_step": opt.param_groups[0]["lr"]})
         if ctx.get_world_rank() == 0:
             save_state(model_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                                    "history": history, "config": config["config"]})
@@ -180,6 +188,7 @@ def train_deeplab(cfg: Config, out: Path, labels: str, shards: tuple, total: int
     start = int(load_state(state_file)["epoch"]) if state_file.is_file() else 0
     if start >= sg.epochs:
         return {"kept": True, "epochs": start}
+    init_ray(cfg)
     steps = total // sg.batch_size
     if steps == 0:
         raise ConfigError(f"segment.batch_size={sg.batch_size} is larger than the {total} training images of "
@@ -274,18 +283,33 @@ def _init_backbone(cfg: Config) -> str | None:
     return str(ckpt)
 
 
-def _check_labels(labels: str, uri: str, manifest: dict, split: str, ids: list[str]) -> None:
-    """Every training image has its label map (or, for gt, its mask) before anything starts."""
+def _check_labels(labels: str, uri: str, manifest: dict, split: str, max_images: int | None,
+                  n_classes: int) -> None:
+    """Every training image has its label map (or, for gt, its mask), of the image's size, with class ids 0..C or
+    255, before any worker starts; the first bad file is named."""
     if labels == GT:
         info = manifest["splits"][split]
         if info.get("masks", 0) < info["rows"]:
             raise DataError(f"{uri}: split '{split}' has ground-truth masks for {info.get('masks', 0)} of its "
                             f"{info['rows']} images; segment.labels=gt needs one for every image")
         return
-    missing = [i for i in ids if not (Path(labels) / f"{i}.png").is_file()]
+    rows = [(row["id"], (int(row["height"]), int(row["width"])))
+            for _, row in iter_split_rows(uri, manifest, split, ["id", "index", "height", "width"])
+            if max_images is None or row["index"] < max_images]
+    missing = [i for i, _ in rows if not (Path(labels) / f"{i}.png").is_file()]
     if missing:
-        raise DataError(f"{labels}: no label map <id>.png for {len(missing)} of the {len(ids)} training images of "
+        raise DataError(f"{labels}: no label map <id>.png for {len(missing)} of the {len(rows)} training images of "
                         f"'{split}', e.g. {', '.join(missing[:3])}")
+    for image_id, shape in tqdm(rows, desc="checking label maps", unit="img", mininterval=2, disable=len(rows) < 500):
+        pseudo.load_label_map(Path(labels) / f"{image_id}.png", shape, n_classes)
+
+
+def segment_num_cpus(cfg: Config) -> int:
+    """Logical CPUs a local Ray needs for this job: the training workers, the prediction actors (or the crop tasks),
+    and one for Ray Data's small tasks."""
+    sg = cfg.segment
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + max(sg.actors, 1) * sg.actor_cpus + 1
+    return max(local_num_cpus(cfg), int(math.ceil(need)))
 
 
 def run_segment(cfg: Config, out: str | Path) -> dict:
@@ -303,23 +327,27 @@ def run_segment(cfg: Config, out: str | Path) -> dict:
     uri, manifest = ensure_shards(apply_overrides(cfg, {"eval.enabled": False}), [sg.split, sg.val_split])
     train_ids = split_ids(uri, manifest, sg.split, sg.max_images)
     val_ids = split_ids(uri, manifest, sg.val_split, sg.max_val_images)
-    _check_labels(labels, uri, manifest, sg.split, train_ids)
+    state_file = out / MODEL_DIR / STATE_FILE
+    if not state_file.is_file() or int(load_state(state_file)["epoch"]) < sg.epochs:  # training will run
+        _check_labels(labels, uri, manifest, sg.split, sg.max_images, n_classes)
     check_stage_params(out, {"labels": labels, "split": sg.split, "max_images": sg.max_images, "backbone": sg.backbone,
                              "head": sg.head, "output_stride": sg.output_stride, "init_backbone": init,
                              "pretrained": sg.pretrained}, "train", str(out / MODEL_DIR))
     if not cfg.ray.num_cpus and not cfg.ray.address:
-        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + max(sg.actors, 1) * sg.actor_cpus + 1
-        cfg = apply_overrides(cfg, {"ray.num_cpus": max(local_num_cpus(cfg), int(math.ceil(need)))})
-    init_ray(cfg)
+        cfg = apply_overrides(cfg, {"ray.num_cpus": segment_num_cpus(cfg)})
     where = f"the {sg.split} shards in {uri}"
     summary = {"labels": labels, "split": sg.split, "val_split": sg.val_split, "train_images": len(train_ids),
-               "val_images": len(val_ids), "init_backbone": init, "pretrained": sg.pretrained, "shards": uri,
-               "stages": {}}
-    try:
+               "val_images": len(val_ids), "backbone": sg.backbone, "head": sg.head,
+               "backbone_init": (f"ImageNet weights {sg.pretrained}" if sg.pretrained else
+                                 f"the classifier of {init}" if init else "random (no weights given)"),
+               "init_backbone": init, "pretrained": sg.pretrained, "shards": uri, "stages": {}}
+    try:  # Ray is started only for work left to do: a finished run is evaluated again without it
         summary["stages"]["train"] = train_deeplab(cfg, out, labels, (uri, manifest, sg.split), len(train_ids), init,
                                                    where)
         state = load_state(out / MODEL_DIR)
         _drop_stale_predictions(out, int(state["epoch"]))
+        if any(not pseudo.is_done(out, k, i) for i in val_ids for k in LEVELS):
+            init_ray(cfg)
         val_where = f"the {sg.val_split} shards in {uri}"
         summary["stages"]["predict"] = run_stage("predict", lambda: positions(len(val_ids)).map_batches(
             PredictStage, fn_constructor_kwargs=dict(cfg_dict=to_dict(cfg), out=str(out),
@@ -336,11 +364,12 @@ def run_segment(cfg: Config, out: str | Path) -> dict:
     summary["epochs"] = int(state["epoch"])
     result, items = evaluate_predictions(out, uri, manifest, sg.val_split, sg.max_val_images, n_classes, sg.overlays)
     summary.update(result)
+    summary["class_names"] = ["background", *manifest["class_names"]]
     save_label_panels(out / "predictions.png", items, [("gt", "ground truth")] + list(LEVELS.items()))
     save_loss_curve(out / "loss.png", state["history"])
     summary["stages"]["evaluation"] = {"seconds": round(time.perf_counter() - t0, 2)}
     summary["config"] = to_dict(cfg)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    pseudo.write_atomically(out / "summary.json", json.dumps(summary, indent=1).encode())  # the pipeline's "done"
     return summary
 
 

@@ -39,7 +39,7 @@ def is_done(out: Path, kind: str, image_id: str) -> bool:
     return output_path(out, kind, image_id).is_file()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
@@ -53,7 +53,7 @@ def write_label_png(path: Path, labels: np.ndarray) -> None:
     png.putpalette(voc_palette())
     buf = io.BytesIO()
     png.save(buf, format="PNG")
-    _write_atomically(Path(path), buf.getvalue())
+    write_atomically(Path(path), buf.getvalue())
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -93,7 +93,7 @@ def save_cams(path: Path, cams: np.ndarray, keys: np.ndarray) -> None:
     """cams (K, H, W) of the K labelled classes `keys` (class indices, 0-based), stored as float16."""
     buf = io.BytesIO()
     np.savez_compressed(buf, cams=cams.astype(np.float16), keys=np.asarray(keys, np.int64))
-    _write_atomically(Path(path), buf.getvalue())
+    write_atomically(Path(path), buf.getvalue())
 
 
 def load_cams(path: Path) -> tuple[np.ndarray, np.ndarray]:
