@@ -1,0 +1,287 @@
+"""The paper's whole pipeline in one process and one Ray (ray_jobs/pipeline.py), each stage in its own folder:
+
+    [1] 1_cams/           the classifier: a Ray Tune search (pipeline.search, acr.tuning) or one training run
+                          (acr.distributed.trainer); or pipeline.checkpoint, a given one
+    [2] 2_pseudo_labels/  CAMs -> CRF -> IRN -> masks (acr.distributed.batch); or pipeline.labels, given label maps
+    [3] 3_deeplab/        DeepLab trained on the pseudo-labels, evaluated on segment.val_split (acr.distributed.segment)
+    [4] 4_deeplab_gt/     the same DeepLab on the ground-truth masks: the fully supervised upper bound
+                          (pipeline.upper_bound; where every training image has a mask)
+    [5] report.md, report.json, report.png: every stage's numbers beside the paper's
+
+A stage whose folder holds its summary.json is finished and is not run again; a stage that was interrupted is
+run again in its folder and continues from its own files (checkpoints, per-image files, state.pt).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from acr.config import Config, ConfigError, apply_overrides, dump_yaml, num_classes, to_dict
+
+FOLDERS = {"cams": "1_cams", "pseudo_labels": "2_pseudo_labels", "deeplab": "3_deeplab", "deeplab_gt": "4_deeplab_gt"}
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+TIMES_FILE = "stage_seconds.json"
+
+# ACR (Kweon et al., CVPR 2023), PASCAL VOC 2012, mIoU %: Table 3 (pseudo-labels on train) and Table 4 (DeepLab);
+# the fully supervised DeepLab-v2 ResNet-101 of kazuto1011/deeplab-pytorch (README) as the upper bound.
+PAPER = {"seed_miou": 60.3, "crf_miou": 65.9, "mask_miou": 72.3, "voc_val": 71.9, "voc_test": 71.9, "coco_val": 45.3,
+         "full_supervision_val": 76.65, "full_supervision_val_crf": 77.93}
+
+
+def finished(folder: Path) -> dict | None:
+    """The summary of a finished stage (its summary.json, complete), else None."""
+    f = Path(folder) / "summary.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else None
+    except ValueError:  # cut short while written: the stage is not finished
+        return None
+
+
+def pipeline_num_cpus(cfg: Config) -> int:
+    """Logical CPUs of a local Ray that every stage fits in (each stage's own rule, the largest)."""
+    from acr.distributed.segment import segment_num_cpus
+    from acr.distributed.trainer import local_num_cpus
+
+    ps = cfg.pseudo
+    need = [local_num_cpus(cfg), segment_num_cpus(cfg), int(math.ceil(ps.actors * ps.actor_cpus)) + 1]
+    if cfg.pipeline.search:
+        need.append(local_num_cpus(cfg, trials=cfg.tune.max_concurrent or 1))
+    return max(need)
+
+
+class Stages:
+    """Runs the stages in order, records what each did (ran / kept / given) and how long it took."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.record: dict[str, dict] = {}
+        times = out / TIMES_FILE
+        self.seconds = json.loads(times.read_text()) if times.is_file() else {}
+
+    def run(self, name: str, title: str, fn) -> dict:
+        folder = self.out / FOLDERS[name]
+        summary = finished(folder)
+        if summary is not None:
+            print(f"[{name}] {title}: finished in an earlier run, kept ({folder})", flush=True)
+            self.record[name] = {"status": "kept", "folder": str(folder), "seconds": self.seconds.get(name)}
+            return summary
+        print(f"[{name}] {title} -> {folder}", flush=True)
+        t0 = time.perf_counter()
+        summary = fn(folder)
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        (self.out / TIMES_FILE).write_text(json.dumps(self.seconds))
+        self.record[name] = {"status": "ran", "folder": str(folder), "seconds": self.seconds[name]}
+        return summary
+
+
+def needs_classifier(cfg: Config) -> bool:
+    """Stage 1 is needed for the pseudo-labels (no pipeline.labels) or as DeepLab's initialisation."""
+    sg = cfg.segment
+    return not cfg.pipeline.labels or (cfg.pipeline.init_segmentation_from_classifier and not sg.pretrained
+                                       and not sg.init_backbone)
+
+
+def _cams(cfg: Config, stages: Stages, space: Path) -> tuple[str | None, dict]:
+    """[1] The checkpoint of the classifier, and its CAM score."""
+    from acr.distributed.batch import resolve_checkpoint
+
+    pl = cfg.pipeline
+    if pl.checkpoint:
+        ckpt = str(resolve_checkpoint(pl.checkpoint))
+        stages.record["cams"] = {"status": "given", "checkpoint": ckpt}
+        return ckpt, {}
+    if not needs_classifier(cfg):
+        stages.record["cams"] = {"status": "skipped", "reason": "pipeline.labels given and DeepLab does not start "
+                                 "from the classifier"}
+        return None, {}
+    if pl.search:
+        from acr.tuning import run_tune
+
+        summary = stages.run("cams", "CAMs: Ray Tune search", lambda d: run_tune(cfg, space, d))
+        score = {"cam_miou": summary.get("best_cam_miou_reported"), "cam_split": summary.get("report_split"),
+                 "best_trial": summary.get("best_trial"), "best_config": summary.get("best_config")}
+    else:
+        from acr.distributed.trainer import run_training
+
+        summary = stages.run("cams", "CAMs: one training run", lambda d: run_training(cfg, d))
+        score = {"cam_miou": summary.get("cam_miou"), "cam_split": summary.get("split")}
+    ckpt = str(resolve_checkpoint(stages.out / FOLDERS["cams"]))
+    stages.record["cams"].update({"checkpoint": ckpt, **score})
+    return ckpt, score
+
+
+def _pseudo_labels(cfg: Config, stages: Stages, ckpt: str | None) -> tuple[str, dict]:
+    """[2] The folder of pseudo-label maps, and the job's summary (its split and Table 3 levels)."""
+    from acr.distributed.batch import job_config, run_pseudo_labels
+    from acr.distributed.segment import resolve_labels
+
+    pl = cfg.pipeline
+    if pl.labels:
+        labels = resolve_labels(pl.labels)
+        summary = finished(Path(pl.labels).expanduser()) or {}
+        stages.record["pseudo_labels"] = {"status": "given", "labels": labels}
+        return labels, summary
+    overrides = {f"pseudo.{k}": v for k, v in to_dict(cfg.pseudo).items() if k != "checkpoint"}
+    overrides["data.cache_dir"] = cfg.data.cache_dir
+    job = job_config(apply_overrides(cfg, {"pseudo.checkpoint": ckpt}), overrides)
+    summary = stages.run("pseudo_labels", "pseudo-labels: CAMs -> CRF -> IRN -> masks",
+                         lambda d: run_pseudo_labels(job, d))
+    stages.record["pseudo_labels"].update({k: summary.get(k) for k in (
+        "split", "num_images", "seed_threshold", "seed_miou", "crf_miou", "mask_miou", "mask_precision",
+        "mask_recall")})
+    return resolve_labels(str(stages.out / FOLDERS["pseudo_labels"])), summary
+
+
+def _segment_config(cfg: Config, labels: str, pseudo_summary: dict, ckpt: str | None) -> Config:
+    """Stage 3's config: DeepLab on `labels`, on the images the pseudo-label job labelled, its backbone from the
+    stage-1 classifier where no ImageNet weights are given (pipeline.init_segmentation_from_classifier)."""
+    sg, values = cfg.segment, {"segment.labels": labels}
+    if pseudo_summary.get("split"):
+        values["segment.split"] = pseudo_summary["split"]
+        values["segment.max_images"] = pseudo_summary.get("config", {}).get("pseudo", {}).get("max_images")
+    if cfg.pipeline.init_segmentation_from_classifier and not sg.pretrained and not sg.init_backbone and ckpt:
+        values["segment.init_backbone"] = ckpt
+    return apply_overrides(cfg, values, source="the pipeline")
+
+
+def _gt_masks_missing(cfg: Config) -> str | None:
+    """Why the upper bound cannot be trained (images of segment.split without a ground-truth mask), or None."""
+    from acr.data.sources import ensure_shards
+
+    uri, manifest = ensure_shards(apply_overrides(cfg, {"eval.enabled": False}), [cfg.segment.split],
+                                  progress=False)
+    info = manifest["splits"][cfg.segment.split]
+    if info.get("masks", 0) < info["rows"]:
+        return (f"split '{cfg.segment.split}' has ground-truth masks for {info.get('masks', 0)} of its "
+                f"{info['rows']} images")
+    return None
+
+
+SEG_KEYS = ("val_miou", "val_miou_ms", "val_miou_crf", "val_images_scored", "train_images", "backbone", "head",
+            "backbone_init", "epochs")
+
+
+def run_pipeline(cfg: Config, out: str | Path, space: str | Path | None = None) -> dict:
+    """Run (or continue) every stage in `out`; returns the report (also out/report.json, report.md, report.png)."""
+    from acr.distributed.segment import GT, run_segment
+    from acr.distributed.trainer import init_ray
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    pl = cfg.pipeline
+    space = Path(space or pl.space or DEFAULT_SPACE)
+    if pl.search and not pl.checkpoint and needs_classifier(cfg) and not space.is_file():
+        raise ConfigError(f"pipeline.space={space}: search space file not found")
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    if not cfg.ray.num_cpus and not cfg.ray.address:
+        cfg = apply_overrides(cfg, {"ray.num_cpus": pipeline_num_cpus(cfg)})
+    searching = (pl.search and not pl.checkpoint and needs_classifier(cfg)
+                 and finished(out / FOLDERS["cams"]) is None)
+    init_ray(cfg, trials=(cfg.tune.max_concurrent or 1) if searching else 0)  # one Ray for every stage
+    stages = Stages(out)
+    ckpt, _ = _cams(cfg, stages, space)
+    labels, pseudo_summary = _pseudo_labels(cfg, stages, ckpt)
+    seg_cfg = _segment_config(cfg, labels, pseudo_summary, ckpt)
+    seg = stages.run("deeplab", "DeepLab on the pseudo-labels", lambda d: run_segment(seg_cfg, d))
+    stages.record["deeplab"].update({k: seg.get(k) for k in SEG_KEYS})
+    gt = None
+    if pl.upper_bound:
+        gt_cfg = apply_overrides(seg_cfg, {"segment.labels": GT})
+        reason = None if finished(out / FOLDERS["deeplab_gt"]) else _gt_masks_missing(gt_cfg)
+        if reason:
+            stages.record["deeplab_gt"] = {"status": "skipped", "reason": reason}
+        else:
+            gt = stages.run("deeplab_gt", "DeepLab on the ground truth (upper bound)",
+                            lambda d: run_segment(gt_cfg, d))
+            stages.record["deeplab_gt"].update({k: gt.get(k) for k in SEG_KEYS})
+    else:
+        stages.record["deeplab_gt"] = {"status": "skipped", "reason": "pipeline.upper_bound=false"}
+    report = make_report(cfg, stages.record, seg, gt)
+    write_report(out, report)
+    return report
+
+
+def make_report(cfg: Config, record: dict, seg: dict, gt: dict | None) -> dict:
+    """Our numbers (fractions) beside the paper's (mIoU %)."""
+    report = {"dataset": cfg.data.format, "data_root": cfg.data.root, "num_classes": num_classes(cfg),
+              "val_split": cfg.segment.val_split, "stages": record,
+              "val_miou_pseudo": seg.get("val_miou"), "val_miou_pseudo_ms": seg.get("val_miou_ms"),
+              "val_miou_pseudo_crf": seg.get("val_miou_crf"),
+              "val_miou_gt": gt.get("val_miou") if gt else None, "val_miou_gt_ms": gt.get("val_miou_ms") if gt else None,
+              "val_miou_gt_crf": gt.get("val_miou_crf") if gt else None, "paper": PAPER,
+              "total_seconds": round(sum(r.get("seconds") or 0 for r in record.values()), 1)}
+    if gt and gt.get("val_miou_crf"):
+        report["fraction_of_full_supervision"] = seg["val_miou_crf"] / gt["val_miou_crf"]
+    report["paper_fraction_of_full_supervision"] = PAPER["voc_val"] / PAPER["full_supervision_val_crf"]
+    return report
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def report_markdown(r: dict) -> str:
+    st, p = r["stages"], r["paper"]
+    cams, ps = st.get("cams", {}), st.get("pseudo_labels", {})
+    voc = r["dataset"] == "voc"
+    lines = [
+        f"# ACR pipeline report ({r['dataset']}{', ' + r['data_root'] if r['data_root'] else ''}, "
+        f"{r['num_classes']} classes)", "",
+        "mIoU in %. The paper's numbers are ACR on PASCAL VOC 2012 (ResNet-38, 40 epochs, DeepLab-v2)"
+        + ("." if voc else "; on another dataset they are a reference point, not a target."), "",
+        "| stage | what | ours | paper |", "|---|---|---|---|",
+        f"| 1 CAMs | CAM mIoU on '{cams.get('cam_split', '-')}' | {_pct(cams.get('cam_miou'))} | - |",
+        f"| 2 pseudo-labels | seed (CAM) on '{ps.get('split', '-')}' | {_pct(ps.get('seed_miou'))} | "
+        f"{p['seed_miou']} (Table 3, VOC train) |",
+        f"| 2 pseudo-labels | + CRF | {_pct(ps.get('crf_miou'))} | {p['crf_miou']} |",
+        f"| 2 pseudo-labels | mask (IRN) | {_pct(ps.get('mask_miou'))} | {p['mask_miou']} |",
+        f"| 3 DeepLab on pseudo-labels | '{r['val_split']}', single scale | {_pct(r['val_miou_pseudo'])} | - |",
+        f"| 3 DeepLab on pseudo-labels | multi-scale + flip | {_pct(r['val_miou_pseudo_ms'])} | - |",
+        f"| 3 DeepLab on pseudo-labels | multi-scale + flip + CRF | {_pct(r['val_miou_pseudo_crf'])} | "
+        f"{p['voc_val']} (Table 4, VOC val; test {p['voc_test']}, COCO val {p['coco_val']}) |",
+        f"| 4 DeepLab on ground truth | single scale | {_pct(r['val_miou_gt'])} | {p['full_supervision_val']} "
+        "(DeepLab-v2 R101, fully supervised, deeplab-pytorch) |",
+        f"| 4 DeepLab on ground truth | multi-scale + flip + CRF | {_pct(r['val_miou_gt_crf'])} | "
+        f"{p['full_supervision_val_crf']} (+ CRF) |",
+    ]
+    if r.get("fraction_of_full_supervision") is not None:
+        lines.append(f"| 3 / 4 | pseudo-label DeepLab as a share of the fully supervised one (+ CRF) | "
+                     f"{_pct(r['fraction_of_full_supervision'])} | {_pct(r['paper_fraction_of_full_supervision'])} "
+                     "(71.9 / 77.93) |")
+    lines += ["", "| stage | status | seconds | folder |", "|---|---|---|---|"]
+    for name, rec in st.items():
+        lines.append(f"| {name} | {rec['status']}{': ' + rec['reason'] if rec.get('reason') else ''} | "
+                     f"{rec.get('seconds') if rec.get('seconds') is not None else '-'} | "
+                     f"{rec.get('folder') or rec.get('checkpoint') or rec.get('labels') or '-'} |")
+    lines += ["", f"Total (stages run or recorded): {r['total_seconds']} s. Pictures: 1_cams/ (cam_overlays.png or "
+              "trials.png), 2_pseudo_labels/levels.png, 3_deeplab/predictions.png, 4_deeplab_gt/predictions.png, "
+              "report.png."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(report_markdown(report))
+    ps, p = report["stages"].get("pseudo_labels", {}), report["paper"]
+    bars = [("seed", ps.get("seed_miou"), p["seed_miou"]), ("+CRF", ps.get("crf_miou"), p["crf_miou"]),
+            ("mask", ps.get("mask_miou"), p["mask_miou"]),
+            ("DeepLab\npseudo", report["val_miou_pseudo_crf"], p["voc_val"]),
+            ("DeepLab\nGT", report["val_miou_gt_crf"], p["full_supervision_val_crf"])]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = range(len(bars))
+    ax.bar([i - 0.2 for i in x], [100 * (b[1] or 0) for b in bars], 0.4, label=f"ours ({report['dataset']})")
+    ax.bar([i + 0.2 for i in x], [b[2] for b in bars], 0.4, label="paper (VOC 2012)", color="lightgray")
+    ax.set_xticks(list(x), [b[0] for b in bars])
+    ax.set_ylabel("mIoU %")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=90)
+    plt.close(fig)
