@@ -155,6 +155,10 @@ class MethodConfig:
     autoencode_weight: float = 0.2
     # Released code: the RU non-target-region term ignores images whose input mask has <= this many pixels.
     min_valid_pixels: int = 50
+    # Classifier steps that use L_cls alone while the reconstructor already trains (RU every step): the CU
+    # reconstruction terms start once the adversary has learnt something. 0 = from the first step (released code,
+    # the paper).
+    adversarial_warmup_steps: int = 0
 
 
 @dataclass
@@ -170,6 +174,13 @@ class OptimConfig:
     poly_power: float = 0.9
     # Length of the poly schedule in epochs (null = train.epochs). The released code: 40, while it trains 100.
     schedule_epochs: int | None = None
+    # The reconstructor's optimiser. `sgd`: as the classifier's (the released code, both PolyOptimizer SGD).
+    # `adam`: Adam(betas=adam_betas) at reconstructor_lr with the same poly decay and no per-layer multipliers
+    # (pix2pix trains this U-Net with Adam 2e-4, betas (0.5, 0.999)); an SGD-trained U-Net from scratch needs far
+    # more steps than a CPU budget gives before it reconstructs better than the mean colour.
+    reconstructor_optimizer: Literal["sgd", "adam"] = "sgd"
+    reconstructor_lr: float | None = None  # null: `lr`
+    adam_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
 
 
 @dataclass
@@ -560,6 +571,12 @@ def validate(cfg: Config) -> None:
         f"scaling.num_workers={cfg.scaling.num_workers}",
     )
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(cfg.optim.reconstructor_lr is None or cfg.optim.reconstructor_lr > 0,
+         f"optim.reconstructor_lr must be > 0 (or null), got {cfg.optim.reconstructor_lr}")
+    need(len(cfg.optim.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.optim.adam_betas),
+         f"optim.adam_betas must be two values in [0, 1), got {cfg.optim.adam_betas}")
+    need(cfg.method.adversarial_warmup_steps >= 0,
+         f"method.adversarial_warmup_steps must be >= 0, got {cfg.method.adversarial_warmup_steps}")
     need(len(cfg.augment.resize_range) == 2 and 0 < cfg.augment.resize_range[0] <= cfg.augment.resize_range[1],
          f"augment.resize_range must be [low, high] with 0 < low <= high, got {cfg.augment.resize_range}")
     side = 2 ** cfg.model.decoder_depth

@@ -155,3 +155,18 @@ def test_fused_cu_equals_the_explicit_equations(setup):
     assert fused.item() == pytest.approx(explicit.item(), rel=1e-6)
     for a_, b_ in zip(g_fused, g_explicit):
         assert torch.allclose(a_, b_, rtol=1e-4, atol=1e-7)
+
+
+def test_adversarial_warmup_trains_the_classifier_with_l_cls_alone_first(setup):
+    """method.adversarial_warmup_steps: RU runs from the first step, the CU reconstruction terms only after."""
+    cfg, cls, rec, batch = setup
+    cfg.method.adversarial_warmup_steps = 1
+    opt_cls, opt_rec = build_optimizer(cls, cfg.optim), build_optimizer(rec, cfg.optim)
+    counters = StepCounters()
+    raw = {"image": batch.image, "labels": batch.labels, "target_u": torch.tensor([0.7, 0.1]), "grid_u": batch.grid_u}
+    before_rec = _snapshot(rec)
+    first = train_step(cls, rec, opt_cls, opt_rec, raw, cfg, 0.5, 100, counters, lambda t: t, torch.device("cpu"))
+    assert not _identical(before_rec, _snapshot(rec))  # the reconstructor trained during the warm-up
+    assert first["cu/loss"] == first["cu/loss_cls"] and "cu/loss_t" not in first
+    second = train_step(cls, rec, opt_cls, opt_rec, raw, cfg, 0.5, 100, counters, lambda t: t, torch.device("cpu"))
+    assert second["cu/loss_t"] < 0 and second["cu/loss"] < second["cu/loss_cls"]  # the adversarial terms are on

@@ -48,3 +48,19 @@ def test_layer_type_groups_and_momentum_bug_switch():
     assert all(p.requires_grad for p in uniform[0]["params"])
     assert not any(p is net.bn.weight for g in groups.values() for p in g["params"])
     _ = torch  # noqa
+
+
+def test_reconstructor_optimizer_adam_and_its_own_learning_rate():
+    from acr.method.optim import build_reconstructor_optimizer, reconstructor_base_lr
+
+    net = _Net()
+    cfg = OptimConfig(reconstructor_optimizer="adam", reconstructor_lr=2e-4, adam_betas=[0.5, 0.999])
+    opt = build_reconstructor_optimizer(net, cfg)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["betas"] == (0.5, 0.999)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["weights"]["weight_decay"] == 5e-4 and groups["biases"]["weight_decay"] == 0.0
+    assert {id(p) for p in groups["biases"]["params"]} == {id(net.conv.bias)}
+    set_poly_lr(opt, reconstructor_base_lr(cfg), 50, 100, 0.9)
+    assert all(g["lr"] == pytest.approx(2e-4 * 0.5**0.9) for g in opt.param_groups)  # no layer multipliers
+    sgd = build_reconstructor_optimizer(net, OptimConfig(reconstructor_lr=0.1))
+    assert {g["name"]: g["lr"] for g in sgd.param_groups}["deconv_weight"] == pytest.approx(1.0)

@@ -27,7 +27,7 @@ from acr.config import Config, config_from_dict, num_classes, to_dict
 from acr.data.ingest import CALIBRATION_EPOCH, EvalRows, TrainPlan, TrainRows, augment_kwargs, eval_item
 from acr.data.voc import DataError
 from acr.method.acr import unwrap
-from acr.method.optim import build_optimizer
+from acr.method.optim import build_optimizer, build_reconstructor_optimizer
 from acr.method.schedules import srf_probability
 from acr.method.step import StepCounters, train_step
 from acr.metrics import scores, thresholds_from
@@ -186,7 +186,7 @@ def run_worker(loop_config: dict, session) -> None:
         classifier.requires_grad_(False)
     start_epoch, start_step, counters, history = 0, 0, StepCounters(), {"epochs": [], "steps": []}
     opt_cls = build_optimizer(classifier, cfg.optim) if cfg.method.train_classifier else None
-    opt_rec = build_optimizer(reconstructor, cfg.optim) if reconstructor is not None else None
+    opt_rec = build_reconstructor_optimizer(reconstructor, cfg.optim) if reconstructor is not None else None
 
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:

@@ -37,11 +37,34 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
+    """The classifier's optimiser (and the reconstructor's with `reconstructor_optimizer: sgd`): SGD over
+    :func:`parameter_groups`."""
     momentum = cfg.weight_decay if cfg.momentum_equals_weight_decay else cfg.momentum
     groups = parameter_groups(model, cfg)
     for g in groups:
         g["lr"] = cfg.lr * g["lr_mult"]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum)
+
+
+def reconstructor_base_lr(cfg: OptimConfig) -> float:
+    return cfg.lr if cfg.reconstructor_lr is None else cfg.reconstructor_lr
+
+
+def build_reconstructor_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """`sgd`: as the classifier's, at reconstructor_base_lr with the layer multipliers; `adam`: one group at
+    reconstructor_base_lr with weight decay on conv/deconv weights only (no per-layer multipliers)."""
+    lr = reconstructor_base_lr(cfg)
+    if cfg.reconstructor_optimizer == "sgd":
+        opt = build_optimizer(model, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        return opt
+    groups = parameter_groups(model, cfg)
+    decay = [p for g in groups if g["weight_decay"] for p in g["params"]]
+    rest = [p for g in groups if not g["weight_decay"] for p in g["params"]]
+    groups = [{"params": ps, "lr_mult": 1.0, "weight_decay": wd, "name": name, "lr": lr}
+              for ps, wd, name in ((decay, cfg.weight_decay, "weights"), (rest, 0.0, "biases")) if ps]
+    return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.adam_betas))
 
 
 def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_step: int, power: float) -> float:

@@ -13,7 +13,7 @@ from torch import nn
 
 from acr.config import Config
 from acr.method.acr import Batch, cu_phase, ru_phase, sample_target
-from acr.method.optim import set_poly_lr
+from acr.method.optim import reconstructor_base_lr, set_poly_lr
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,7 +63,7 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
     stats: dict[str, torch.Tensor] = {}
     limit = cfg.train.max_consecutive_nonfinite
     if cfg.method.reconstructor == "adversarial":
-        set_poly_lr(opt_rec, cfg.optim.lr, counters.rec_steps, max_step, cfg.optim.poly_power)
+        set_poly_lr(opt_rec, reconstructor_base_lr(cfg.optim), counters.rec_steps, max_step, cfg.optim.poly_power)
         opt_rec.zero_grad(set_to_none=True)
         with autocast_context(device, cfg.train.precision):
             loss_ru, s = ru_phase(classifier, reconstructor, b, cfg.method, q)
@@ -77,8 +77,10 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
         return out
     set_poly_lr(opt_cls, cfg.optim.lr, counters.cls_steps, max_step, cfg.optim.poly_power)
     opt_cls.zero_grad(set_to_none=True)
+    # During the adversarial warm-up the classifier is trained with L_cls alone (its reconstructor keeps learning).
+    adversary = reconstructor if counters.cls_steps >= cfg.method.adversarial_warmup_steps else None
     with autocast_context(device, cfg.train.precision):
-        loss_cu, s = cu_phase(classifier, reconstructor, b, cfg.method)
+        loss_cu, s = cu_phase(classifier, adversary, b, cfg.method)
     stats.update(s)
     out["cu/loss"], ok = _guarded_step(loss_cu, opt_cls, reduce_mean, counters, limit)
     opt_cls.zero_grad(set_to_none=True)
