@@ -191,9 +191,13 @@ class TrainConfig:
     seed: int = 4242
     # Stop an epoch after this many steps (null = the whole epoch); for smoke tests and benchmarks.
     max_steps_per_epoch: int | None = None
+    # A checkpoint is written after every epoch, and also every this many steps within an epoch (null = only per
+    # epoch): what a failed worker or an interrupted run loses at most. Each holds both networks, both optimisers,
+    # the step counters (LR and SRF schedules) and every worker's RNG state.
     checkpoint_every_steps: int | None = None
     # Progress line from rank 0 every this many steps (0 = only per epoch).
     log_every_steps: int = 10
+    # Checkpoints kept in the run folder (the newest; older ones are deleted): Ray Train's CheckpointConfig(num_to_keep).
     keep_checkpoints: int = 2
     # Compute threads per worker (null = torch's default).
     threads_per_worker: int | None = None
@@ -432,7 +436,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {value} is beyond the range of a float") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -501,9 +508,13 @@ def _read_yaml(path: Path, reference: dict, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc})") from exc
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = loaded.pop("base", None)
@@ -571,6 +582,17 @@ def validate(cfg: Config) -> None:
         f"scaling.num_workers={cfg.scaling.num_workers}",
     )
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    tr = cfg.train
+    need(tr.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {tr.keep_checkpoints}")
+    need(tr.checkpoint_every_steps is None or tr.checkpoint_every_steps >= 1,
+         f"train.checkpoint_every_steps must be >= 1 or null, got {tr.checkpoint_every_steps}")
+    need(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1,
+         f"train.max_steps_per_epoch must be >= 1 or null, got {tr.max_steps_per_epoch}")
+    need(tr.log_every_steps >= 0, f"train.log_every_steps must be >= 0, got {tr.log_every_steps}")
+    need(tr.max_consecutive_nonfinite >= 1,
+         f"train.max_consecutive_nonfinite must be >= 1, got {tr.max_consecutive_nonfinite}")
+    need(cfg.scaling.max_failures >= -1, f"scaling.max_failures must be >= 0, or -1 (unlimited), got "
+         f"{cfg.scaling.max_failures}")
     need(cfg.optim.reconstructor_lr is None or cfg.optim.reconstructor_lr > 0,
          f"optim.reconstructor_lr must be > 0 (or null), got {cfg.optim.reconstructor_lr}")
     need(len(cfg.optim.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.optim.adam_betas),
@@ -579,12 +601,13 @@ def validate(cfg: Config) -> None:
          f"method.adversarial_warmup_steps must be >= 0, got {cfg.method.adversarial_warmup_steps}")
     need(len(cfg.augment.resize_range) == 2 and 0 < cfg.augment.resize_range[0] <= cfg.augment.resize_range[1],
          f"augment.resize_range must be [low, high] with 0 < low <= high, got {cfg.augment.resize_range}")
+    need(2 <= cfg.model.decoder_depth <= 12, f"model.decoder_depth must be in 2..12, got {cfg.model.decoder_depth}")
     side = 2 ** cfg.model.decoder_depth
     if cfg.method.reconstructor != "none":
         need(cfg.augment.crop_size % side == 0,
              f"augment.crop_size={cfg.augment.crop_size} must be a multiple of 2**model.decoder_depth={side} "
              "(the U-Net halves the side decoder_depth times)")
-    need(cfg.model.decoder_depth >= 2, f"model.decoder_depth must be >= 2, got {cfg.model.decoder_depth}")
+    need(cfg.augment.crop_size >= 1, f"augment.crop_size must be >= 1, got {cfg.augment.crop_size}")
     need(len(cfg.model.encoder_taps) == len(cfg.model.encoder_tap_channels) and cfg.model.encoder_taps,
          "model.encoder_taps and model.encoder_tap_channels must be non-empty lists of the same length")
     srf = cfg.method.srf
@@ -596,8 +619,8 @@ def validate(cfg: Config) -> None:
     need(cfg.method.train_classifier or cfg.method.reconstructor == "adversarial",
          "method.train_classifier=false trains only the reconstructor: it needs method.reconstructor=adversarial")
     t = cfg.eval.thresholds
-    need(len(t) == 3 and t[2] > 0 and t[0] <= t[1],
-         f"eval.thresholds must be [start, stop, step] with step > 0, got {t}")
+    need(len(t) == 3 and t[2] > 0 and t[0] <= t[1] and (t[1] - t[0]) / t[2] <= 10_000,
+         f"eval.thresholds must be [start, stop, step] with step > 0 and at most 10000 steps, got {t}")
     need(cfg.eval.scales and all(s > 0 for s in cfg.eval.scales), f"eval.scales must be positive, got {cfg.eval.scales}")
     if cfg.data.format == "synthetic":
         need(cfg.synthetic.num_classes >= 2, "synthetic.num_classes must be >= 2")
@@ -658,6 +681,8 @@ def apply_overrides(cfg: Config, values: dict[str, Any], source: str = "override
     """A new validated Config with dotted `key: value` pairs set (e.g. a Tune trial's sampled values)."""
     tree = to_dict(cfg)
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} (from {source}) is not a string")
         _check_keys({key: value}, tree, "", source, dotted=True)
         _set_dotted(tree, key, value)
     return config_from_dict(tree)

@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from acr.data.voc import DataError, load_image, read_class_names, read_voc_split, voc_palette
+from acr.data.voc import DECODE_ERRORS, DataError, load_image, read_class_names, read_voc_split, voc_palette
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -340,7 +340,7 @@ def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise DataError(f"cannot decode the image of {where}: {exc}") from exc
 
 
@@ -348,9 +348,13 @@ def decode_mask_bytes(data: bytes, where: str, num_classes: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            mode = im.mode
             m = np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise DataError(f"cannot decode the mask of {where}: {exc}") from exc
+    if mode not in ("P", "L"):
+        raise DataError(f"the mask of {where} is a {mode} image; a mask is a palette ('P') or grey ('L') PNG of "
+                        "class indices")
     bad = np.unique(m[(m > num_classes) & (m != 255)])
     if bad.size:
         raise DataError(f"the mask of {where} has class id(s) {bad.tolist()} beyond the class count {num_classes}")

@@ -35,6 +35,12 @@ class DataError(ValueError):
     """Bad input data; the message names the file, image id or key."""
 
 
+# What decoding untrusted bytes with PIL raises: OSError (not an image, truncated), SyntaxError and ValueError
+# (malformed chunks), DecompressionBombError (a header declaring a gigantic image), and for corrupted files other
+# errors from inside PIL's format plugins (struct.error, IndexError, EOFError, ...). Each means "does not decode".
+DECODE_ERRORS = (Exception,)
+
+
 def voc_palette() -> list[int]:
     """The standard 256-entry VOC colour palette (flat RGB list)."""
     pal = []
@@ -99,7 +105,7 @@ def load_image(path: Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise DataError(f"cannot decode image {path}: {exc}") from exc
 
 
@@ -112,9 +118,11 @@ def load_mask(path: Path, num_classes: int) -> np.ndarray:
                 raise DataError(f"mask {path}: expected a palette ('P') or grey ('L') PNG of class indices, "
                                 f"got mode {im.mode}")
             m = np.asarray(im)
+    except DataError:
+        raise
     except FileNotFoundError as exc:
         raise DataError(f"mask file not found: {path}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise DataError(f"cannot decode mask {path}: {exc}") from exc
     bad = np.unique(m[(m > num_classes) & (m != IGNORE)])
     if bad.size:

@@ -66,7 +66,7 @@ def read_label_png(path: Path) -> np.ndarray:
 def load_label_map(path: Path, shape: tuple[int, int], num_classes: int) -> np.ndarray:
     """A training label map given by the user or a pseudo-label job: a palette or greyscale PNG of the image's size
     with values 0 (background), 1..num_classes, or 255 (ignore). Anything else is a DataError naming the file."""
-    from acr.data.voc import DataError
+    from acr.data.voc import DECODE_ERRORS, DataError
 
     path = Path(path)
     if not path.is_file():
@@ -77,7 +77,9 @@ def load_label_map(path: Path, shape: tuple[int, int], num_classes: int) -> np.n
                 raise DataError(f"{path}: a label map must be a palette or greyscale PNG of class indices, got mode "
                                 f"{im.mode}")
             labels = np.asarray(im, np.uint8)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except DataError:
+        raise
+    except DECODE_ERRORS as exc:
         raise DataError(f"{path}: not a readable PNG label map ({exc})") from exc
     if labels.shape != tuple(shape):
         raise DataError(f"{path}: label map is {labels.shape[1]}x{labels.shape[0]} (w x h), the image is "
