@@ -69,10 +69,26 @@ def init_ray(cfg: Config, trials: int = 0) -> None:
     else:
         for k, v in runtime_env["env_vars"].items():
             os.environ.setdefault(k, v)
-        if not dashboard:
+        options = {}
+        if dashboard:
+            # Train's cleaner finds the state API through RAY_API_SERVER_ADDRESS, else it looks for "the" local Ray
+            # and fails ("Found multiple active Ray instances") where other Ray instances run on the machine (other
+            # users' jobs): every stopped trial would leak its CPUs as above. So the dashboard gets a free port,
+            # and every worker its address.
+            options["dashboard_port"] = _free_port()
+            runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
+        else:
             runtime_env["worker_process_setup_hook"] = _quiet_placement_group_cleaner
         ray.init(num_cpus=cfg.ray.num_cpus or local_num_cpus(cfg, trials), include_dashboard=dashboard,
-                 runtime_env=runtime_env)
+                 runtime_env=runtime_env, **options)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def resume_point(output_dir: Path) -> tuple[int, int]:
