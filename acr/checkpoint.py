@@ -29,13 +29,22 @@ def save_state(folder: Path, state: dict) -> Path:
     return _save_atomically(state, Path(folder) / STATE_FILE)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that does not load; the message names it."""
+
+
 def load_state(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint's state (a folder's state.pt, or the file). Only tensors and plain containers are unpickled: a
+    file that needs anything else (e.g. an object whose unpickling would run code) is refused, naming the file."""
     path = Path(path)
     if path.is_dir():
         path = path / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint state at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for unsafe or broken files
+        raise CheckpointError(f"cannot load {path} with torch.load(weights_only=True): {exc}") from exc
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config]:

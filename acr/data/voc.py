@@ -17,6 +17,7 @@ classes present in the mask.
 from __future__ import annotations
 
 import json
+import pickle
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,12 +146,43 @@ def _xml_classes(path: Path, names: list[str]) -> list[int]:
     return sorted(out)
 
 
+# The only globals a psa/IRN `cls_labels.npy` (np.save of a dict of arrays) needs to be unpickled.
+_NPY_GLOBALS = {(m, n) for m in ("numpy._core.multiarray", "numpy.core.multiarray") for n in ("_reconstruct", "scalar")
+                } | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _NPY_GLOBALS:
+            raise pickle.UnpicklingError(f"it needs {module}.{name}, which a labels file never holds")
+        return super().find_class(module, name)
+
+
+def _load_npy_dict(path: Path) -> dict:
+    """A dict saved with np.save, unpickled with numpy arrays as the only objects allowed (np.load with pickles allowed
+    would run whatever code the file names)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            if dtype != np.dtype(object) or shape != ():
+                raise ValueError(f"an array of {dtype} {shape}, not a saved dict")
+            d = _ArraysOnlyUnpickler(f).load().item()
+    except Exception as exc:  # a broken or unsafe file
+        raise DataError(f"labels file {path}: cannot read it as a dict of label vectors ({exc})") from exc
+    if not isinstance(d, dict):
+        raise DataError(f"labels file {path}: holds a {type(d).__name__}, not a dict of label vectors")
+    return d
+
+
 def _load_labels_file(path: Path, num_classes: int) -> dict[str, list[int]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"labels file not found: {path}")
     if path.suffix == ".npy":
-        d = np.load(path, allow_pickle=True).item()  # psa/IRN format: {id: float32[C] multi-hot}
+        d = _load_npy_dict(path)  # psa/IRN format: {id: float32[C] multi-hot}
         out = {}
         for k, v in d.items():
             v = np.asarray(v)
