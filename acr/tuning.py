@@ -22,6 +22,12 @@ from acr.config import Config, ConfigError, apply_overrides, config_from_dict, d
 KINDS = ("categorical", "uniform", "loguniform", "int")
 METRIC = "cam_miou"
 SUMMARY = "summary.json"
+# A custom Ray resource, one unit per trial that fits at once. Tune sees only a trial's driver (0.1 CPU; the trial's
+# TorchTrainer reserves its workers itself), so when a search is resumed Tune would restart every unfinished trial
+# at once (its concurrency limit applies to new trials only), their workers would take every CPU and their data
+# streams would wait forever. A local Ray started for a search has these slots; on a cluster give them to `ray start`
+# (--resources='{"acr_trial_slot": N}').
+TRIAL_SLOT = "acr_trial_slot"
 
 
 def load_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, list]]:
@@ -152,12 +158,17 @@ def run_tune(cfg: Config, space_file: str | Path, output_dir: str | Path) -> dic
     uri, _ = ensure_shards(cfg, [cfg.data.train_split, cfg.tune.select_split, cfg.eval.split])
     base = apply_overrides(cfg, {"data.shards": uri})
     init_ray(cfg, trials=cfg.tune.max_concurrent or 1)
-    concurrent = concurrent_trials(cfg, ray.cluster_resources())
-    print(f"up to {concurrent} trial(s) at once, each {trial_resources(cfg)}", flush=True)
+    cluster = ray.cluster_resources()
+    concurrent, driver = concurrent_trials(cfg, cluster), {"CPU": cfg.tune.trial_cpus}
+    if cluster.get(TRIAL_SLOT):
+        concurrent, driver[TRIAL_SLOT] = min(concurrent, int(cluster[TRIAL_SLOT])), 1
+    print(f"up to {concurrent} trial(s) at once, each {trial_resources(cfg)}"
+          + ("" if TRIAL_SLOT in driver else f" (the cluster has no '{TRIAL_SLOT}' resource: a resumed search "
+                                             "restarts all its unfinished trials at once)"), flush=True)
     storage = cfg.tune.storage or f"sqlite:///{out / 'study.db'}"
     experiment = out / "experiment"
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=to_dict(base), keys=list(space)),
-                                        {"CPU": cfg.tune.trial_cpus})
+                                        driver)
     if ray.tune.Tuner.can_restore(experiment):
         print(f"resuming the search in {experiment}", flush=True)
         tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)

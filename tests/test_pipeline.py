@@ -120,7 +120,7 @@ def test_stage_1_runs_only_where_needed_and_a_cut_summary_is_not_finished(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_search_finds_its_own_state_api_beside_another_ray_instance(tmp_path):
+def test_a_search_finds_its_own_state_api_beside_another_ray_instance_and_has_trial_slots(tmp_path):
     """Train's placement-group cleaner (which frees the CPUs of a trial stopped by Tune) asks the state API of "the"
     local Ray; with another Ray instance on the machine it failed ("Found multiple active Ray instances") and a
     demo search hung at its third trial. A Ray started for a search tells its workers its own dashboard."""
@@ -136,10 +136,13 @@ def test_a_search_finds_its_own_state_api_beside_another_ray_instance(tmp_path):
                  "def actors():\n"
                  "    from ray.util.state import list_actors\n"
                  "    return len(list_actors())\n"
-                 "print('actors', ray.get(actors.remote()))\n")
+                 "print('actors', ray.get(actors.remote()), 'slots', ray.cluster_resources()['acr_trial_slot'])\n")
         proc = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0 and "actors " in proc.stdout, proc.stderr[-2000:]
+        # one trial slot (acr.tuning.TRIAL_SLOT) for the one trial that 2 CPUs hold: a resumed search runs its
+        # unfinished trials one at a time instead of all at once
+        assert proc.stdout.strip().endswith("slots 1.0"), proc.stdout
     finally:
         os.killpg(decoy.pid, signal.SIGKILL)
         decoy.wait()

@@ -79,8 +79,13 @@ def init_ray(cfg: Config, trials: int = 0) -> None:
             runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
         else:
             runtime_env["worker_process_setup_hook"] = _quiet_placement_group_cleaner
-        ray.init(num_cpus=cfg.ray.num_cpus or local_num_cpus(cfg, trials), include_dashboard=dashboard,
-                 runtime_env=runtime_env, **options)
+        num_cpus = cfg.ray.num_cpus or local_num_cpus(cfg, trials)
+        if trials:  # Tune sees a trial's driver only (0.1 CPU): this resource caps the trials at once (acr.tuning)
+            from acr.tuning import TRIAL_SLOT, concurrent_trials
+
+            gpus = torch.cuda.device_count() if cfg.scaling.use_gpu else 0
+            options["resources"] = {TRIAL_SLOT: concurrent_trials(cfg, {"CPU": num_cpus, "GPU": gpus})}
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env, **options)
 
 
 def _free_port() -> int:
