@@ -1,6 +1,6 @@
 """Train ACR on Ray Train, evaluate its CAMs, and write <output-dir>/summary.json (its path is the last line printed).
 
-    python ray_jobs/train.py [--config FILE] [--output-dir DIR] [key=value ...]
+    python ray_jobs/train.py [--config FILE] [--output-dir DIR or URI, e.g. s3://bucket/runs/voc] [key=value ...]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python ray_jobs/train.py ...
 """
 
@@ -20,18 +20,18 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def main(argv=None) -> None:
-    cfg, output_dir, _ = parse_job_args(__doc__.splitlines()[0], DEFAULT_CONFIG, argv, job="train")
+    cfg, output_dir, _ = parse_job_args(__doc__.splitlines()[0], DEFAULT_CONFIG, argv, job="train", uri_output=True)
     from acr.distributed.trainer import run_training
 
     try:
         summary = run_training(cfg, output_dir)
-    except (DataError, WeightsError, NonFiniteLossError, ValueError) as exc:
+    except (DataError, WeightsError, NonFiniteLossError, ValueError, OSError) as exc:
         fail(exc)
     if "cam_miou" in summary:
         print(f"CAM mIoU {summary['cam_miou']:.4f} (precision {summary['precision']:.4f}, recall "
               f"{summary['recall']:.4f}, threshold {summary['threshold']:.2f}); floors: all background "
               f"{summary['floor_background_miou']:.4f}, whole image {summary['floor_whole_image_miou']:.4f}")
-    print(Path(output_dir).resolve() / "summary.json")
+    print(f"{summary['output_dir']}/summary.json")
 
 
 if __name__ == "__main__":

@@ -188,8 +188,12 @@ def run_worker(loop_config: dict, session) -> None:
     opt_cls = build_optimizer(classifier, cfg.optim) if cfg.method.train_classifier else None
     opt_rec = build_reconstructor_optimizer(reconstructor, cfg.optim) if reconstructor is not None else None
 
+    dtype = torch.float64 if cfg.train.precision == "fp64" else torch.float32
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
+        for net in (classifier, reconstructor):  # in the checkpoint's precision before loading (fp64 stays fp64,
+            if net is not None:                  # and the optimisers' momentum buffers take the parameters' dtype)
+                net.to(dtype)
         with checkpoint.as_directory() as d:
             state = load_state(d)
             hist_file = Path(d) / HISTORY_FILE
@@ -203,6 +207,11 @@ def run_worker(loop_config: dict, session) -> None:
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
         counters = StepCounters(**state["counters"])
         torch.set_rng_state(state["torch_rng"][rank % len(state["torch_rng"])])
+        # every restart from a checkpoint (a failed worker group, or a rerun in the same folder) is on record
+        history.setdefault("resumes", []).append({"epoch": start_epoch, "step_in_epoch": start_step})
+        if plan.batches_before(start_epoch, start_step) < 0:
+            raise RuntimeError(f"the checkpoint is at epoch {start_epoch} step {start_step}, before the start of the "
+                               f"training stream (epoch {plan.start_epoch} step {plan.start_step})")
 
     if checkpoint is None and cfg.model.pretrained is None and cfg.model.freeze_bn and cfg.model.bn_calibration_images:
         # Random init: estimate the frozen BatchNorm statistics from the same training images on every worker.
@@ -214,7 +223,6 @@ def run_worker(loop_config: dict, session) -> None:
                 net.to(device)
                 calibrate_batchnorm(net.backbone, calib)
 
-    dtype = torch.float64 if cfg.train.precision == "fp64" else torch.float32
     for net in (classifier, reconstructor):
         if net is not None:
             net.to(dtype)

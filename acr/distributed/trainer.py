@@ -9,7 +9,7 @@ import json
 import math
 import os
 import re
-import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from acr.config import Config, dump_yaml, num_classes, to_dict
 from acr.data.ingest import make_plan, train_dataset
 from acr.data.shards import ShardIndex, find_corrupt_rows
 from acr.data.sources import ensure_shards
+from acr.distributed.storage import RunFolder
 from acr.distributed.train_loop import (EVAL_FILE, HISTORY_FILE, OVERLAYS_FILE, PROGRESS_FILE, LocalSession, run_worker,
                                         train_loop_per_worker)
 from acr.viz import save_curves
@@ -96,16 +97,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def resume_point(output_dir: Path) -> tuple[int, int]:
-    """(epoch, step) of the latest checkpoint a previous run left in `output_dir` ((0, 0) if none)."""
-    points = [(0, 0)]
-    for f in Path(output_dir).glob(f"checkpoint_*/{PROGRESS_FILE}"):
-        try:
-            d = json.loads(f.read_text())
-            points.append((int(d["epoch"]), int(d["step_in_epoch"])))
-        except (OSError, ValueError, KeyError):
-            continue
-    return max(points)
+def resume_point(output_dir: str | Path | RunFolder) -> tuple[int, int]:
+    """(epoch, step) of the checkpoint that Ray Train resumes from in `output_dir` ((0, 0) if none): the latest one
+    in Ray's record of the run, so that the training stream starts where the restored networks left off."""
+    folder = output_dir if isinstance(output_dir, RunFolder) else RunFolder(output_dir)
+    latest = folder.latest_checkpoint()
+    text = folder.read_text("", fs_path=f"{latest}/{PROGRESS_FILE}") if latest else None
+    if latest and text is None:
+        raise ValueError(f"the run's latest checkpoint {folder.uri(fs_path=latest)} has no {PROGRESS_FILE}: it was "
+                         "not written by this code; choose another --output-dir")
+    if text is None:
+        return 0, 0
+    d = json.loads(text)
+    return int(d["epoch"]), int(d["step_in_epoch"])
 
 
 def prepare_run(cfg: Config, start: tuple[int, int] = (0, 0), progress: bool = True,
@@ -140,10 +144,13 @@ def run_local(cfg: Config, folder: Path, device: torch.device | str = "cpu") -> 
     return session
 
 
-def build_trainer(cfg: Config, output_dir: Path, loop_config: dict, datasets: dict,
+def build_trainer(cfg: Config, output_dir: str | Path | RunFolder, loop_config: dict, datasets: dict,
                   train_fn=train_loop_per_worker, callbacks=None) -> TorchTrainer:
-    """The TorchTrainer of a run: `datasets["train"]` is split among the workers, in order."""
-    output_dir = Path(output_dir).resolve()
+    """The TorchTrainer of a run in `output_dir` (a local folder or a URI such as s3://bucket/runs/voc: Ray's
+    storage_path + name): `datasets["train"]` is split among the workers, in order; the last
+    `train.keep_checkpoints` checkpoints are kept; after a worker fails, the worker group restarts from the last
+    checkpoint up to `scaling.max_failures` times."""
+    folder = output_dir if isinstance(output_dir, RunFolder) else RunFolder(output_dir)
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # the stream's order is the epoch's permutation (acr.data.ingest)
     return TorchTrainer(
@@ -154,7 +161,7 @@ def build_trainer(cfg: Config, output_dir: Path, loop_config: dict, datasets: di
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=options),
         run_config=ray.train.RunConfig(
-            name=output_dir.name, storage_path=str(output_dir.parent),
+            name=folder.name, storage_path=folder.parent, storage_filesystem=None if folder.is_local else folder.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
@@ -188,40 +195,45 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def run_training(cfg: Config, output_dir: str | Path) -> dict:
-    """Train (or resume) in `output_dir`, evaluate, and write `output_dir/summary.json`; returns the summary."""
-    output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(dump_yaml(cfg))
+    """Train (or resume) in `output_dir` (a local folder or a URI, e.g. s3://bucket/runs/voc), evaluate, and write
+    `summary.json` there; returns the summary."""
+    folder = RunFolder(output_dir)
+    folder.makedirs()
+    folder.write_text("config.yaml", dump_yaml(cfg))
     init_ray(cfg)
     # Fail fast, before any worker starts, on bad data: every error names the file, shard or image id.
-    loop_config, datasets, data_info = prepare_run(cfg, resume_point(output_dir))
+    loop_config, datasets, data_info = prepare_run(cfg, resume_point(folder))
     try:
-        result = build_trainer(cfg, output_dir, loop_config, datasets).fit()
+        result = build_trainer(cfg, folder, loop_config, datasets).fit()
     except ray.train.TrainingFailedError as exc:
         raise root_cause(exc) from exc
     if result.error is not None:
         raise root_cause(result.error) from result.error
     summary = {"epochs": cfg.train.epochs, **data_info,
-               "checkpoint": result.checkpoint.path if result.checkpoint else None}
+               "checkpoint": folder.uri(fs_path=result.checkpoint.path) if result.checkpoint else None}
     metrics = result.metrics or {}
     if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
+        with result.checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
             d = Path(d)
             history = json.loads((d / HISTORY_FILE).read_text()) if (d / HISTORY_FILE).is_file() else {}
-            (output_dir / HISTORY_FILE).write_text(json.dumps(history))
+            folder.write_text(HISTORY_FILE, json.dumps(history))
             if (d / EVAL_FILE).is_file():
                 summary.update(json.loads((d / EVAL_FILE).read_text()))
             if (d / OVERLAYS_FILE).is_file():
-                shutil.copy(d / OVERLAYS_FILE, output_dir / OVERLAYS_FILE)
-        epochs = history.get("epochs", [])
-        speeds = [e["images_per_second"] for e in epochs if e.get("images_per_second")]
-        summary["train_images_per_second"] = float(np.median(speeds)) if speeds else None
-        summary["history_last_epoch"] = epochs[-1] if epochs else None
-        if "sweep" in summary:
-            save_curves(output_dir / "curves.png", epochs, np.array(summary["sweep"]["thresholds"]),
-                        summary["sweep"]["miou"])
+                folder.put_file(d / OVERLAYS_FILE, OVERLAYS_FILE)
+            epochs = history.get("epochs", [])
+            speeds = [e["images_per_second"] for e in epochs if e.get("images_per_second")]
+            summary["train_images_per_second"] = float(np.median(speeds)) if speeds else None
+            summary["history_last_epoch"] = epochs[-1] if epochs else None
+            # where the run restarted from a checkpoint (a failed worker, or a rerun in this folder)
+            summary["resumes"] = history.get("resumes", [])
+            if "sweep" in summary:
+                save_curves(Path(tmp) / "curves.png", epochs, np.array(summary["sweep"]["thresholds"]),
+                            summary["sweep"]["miou"])
+                folder.put_file(Path(tmp) / "curves.png", "curves.png")
     summary["skipped_corrupt"] = summary["train_skipped_corrupt"] + summary.get("eval_skipped_corrupt", 0)
     summary["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     summary["config"] = to_dict(cfg)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary["output_dir"] = folder.uri()
+    folder.write_text("summary.json", json.dumps(summary, indent=1))
     return summary
