@@ -15,6 +15,9 @@ from acr.checkpoint import CheckpointError, load_state, save_state
 from acr.models.weights import WeightsError, load_backbone_weights
 from tests.conftest import REPO
 
+# torch warns that the plain pickle uses protocol 4 before it refuses it: expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+
 
 class Payload:
     """Unpickling this runs `exec`, which writes a marker file."""
