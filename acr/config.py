@@ -153,6 +153,10 @@ class MethodConfig:
     # Released-code terms not in the paper: encoder classification BCE and decoder-only auto-encoding L1.
     encoder_cls_weight: float = 1.0
     autoencode_weight: float = 0.2
+    # false: the auto-encoding term trains the decoder only (X detached, released code); true: it trains the encoder
+    # too, so that X carries the image from the start (a classification backbone's features, projected by freshly
+    # initialised 1x1 taps, do not: at a short budget the masked terms alone never make them informative).
+    autoencode_trains_encoder: bool = False
     # Released code: the RU non-target-region term ignores images whose input mask has <= this many pixels.
     min_valid_pixels: int = 50
     # Classifier steps that use L_cls alone while the reconstructor already trains (RU every step): the CU
@@ -204,6 +208,9 @@ class TrainConfig:
     # `auto`: bf16 autocast on CUDA, fp32 on the CPU. `bf16`: autocast to bfloat16 on any device. `fp64`: everything
     # in float64, for numerical checks (max-normalised CAMs with a tiny range amplify float32 rounding noise).
     precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
+    # Networks and images in NHWC memory layout (torch.channels_last): oneDNN's fast convolution path on CPUs, tensor
+    # cores on GPUs. The same computation as NCHW, in another summation order.
+    channels_last: bool = True
     # A non-finite loss skips that optimiser step (released code); after this many in a row the run stops with an
     # error, keeping the last good checkpoint.
     max_consecutive_nonfinite: int = 10

@@ -170,3 +170,45 @@ def test_adversarial_warmup_trains_the_classifier_with_l_cls_alone_first(setup):
     assert first["cu/loss"] == first["cu/loss_cls"] and "cu/loss_t" not in first
     second = train_step(cls, rec, opt_cls, opt_rec, raw, cfg, 0.5, 100, counters, lambda t: t, torch.device("cpu"))
     assert second["cu/loss_t"] < 0 and second["cu/loss"] < second["cu/loss_cls"]  # the adversarial terms are on
+
+
+def _one_step(cfg, channels_last: bool, precision: str, dtype=torch.float32):
+    """Losses and classifier parameters after one RU + CU iteration from a fixed init, batch and RNG."""
+    from acr.method.step import memory_layout
+
+    cfg.train.channels_last, cfg.train.precision = channels_last, precision
+    torch.manual_seed(0)
+    cls, rec = build_classifier(cfg), build_reconstructor(cfg)
+    for net in (cls, rec):
+        net.to(dtype=dtype, memory_format=memory_layout(cfg))
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]], dtype=dtype)
+    raw = {"image": torch.randn(2, 3, 64, 64, generator=g, dtype=dtype), "labels": labels,
+           "target_u": torch.tensor([0.7, 0.1], dtype=dtype), "grid_u": torch.rand(2, 8, 8, generator=g, dtype=dtype)}
+    torch.manual_seed(2)  # dropout
+    out = train_step(cls, rec, build_optimizer(cls, cfg.optim), build_optimizer(rec, cfg.optim), raw, cfg, 0.5, 100,
+                     StepCounters(), lambda t: t, torch.device("cpu"))
+    return out, [p.detach().double().clone() for p in cls.parameters()]
+
+
+def test_channels_last_computes_the_same_step(setup):
+    """The NHWC layout (train.channels_last, a speed-up) changes only the summation order: same losses and updates
+    (fp64, so that only the order of additions differs)."""
+    cfg = setup[0]
+    cfg.model.dropout = True
+    nchw, p_nchw = _one_step(cfg, False, "fp64", torch.float64)
+    nhwc, p_nhwc = _one_step(cfg, True, "fp64", torch.float64)
+    for k in ("ru/loss", "cu/loss", "cu/loss_t", "cu/loss_nt"):
+        assert nhwc[k] == pytest.approx(nchw[k], rel=1e-9, abs=1e-12), k
+    assert max((a - b).abs().max().item() for a, b in zip(p_nchw, p_nhwc)) < 1e-9
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
+def test_bf16_autocast_stays_close_to_fp32(setup):
+    """train.precision=bf16: the losses of one iteration within 2% of fp32 (bf16 keeps 8 bits of mantissa)."""
+    cfg = setup[0]
+    fp32, _ = _one_step(cfg, True, "fp32")
+    bf16, _ = _one_step(cfg, True, "bf16")
+    for k in ("ru/loss", "cu/loss_cls", "cu/loss_t", "cu/loss_nt"):
+        assert bf16[k] == pytest.approx(fp32[k], rel=0.02), (k, bf16[k], fp32[k])
+    assert bf16["ru/loss"] != fp32["ru/loss"]  # bf16 really ran

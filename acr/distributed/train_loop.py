@@ -29,7 +29,7 @@ from acr.data.voc import DataError
 from acr.method.acr import unwrap
 from acr.method.optim import build_optimizer, build_reconstructor_optimizer
 from acr.method.schedules import srf_probability
-from acr.method.step import StepCounters, train_step
+from acr.method.step import StepCounters, memory_layout, train_step
 from acr.metrics import scores, thresholds_from
 from acr.models.backbones import calibrate_batchnorm
 from acr.models.factory import build_classifier, build_reconstructor
@@ -225,7 +225,7 @@ def run_worker(loop_config: dict, session) -> None:
 
     for net in (classifier, reconstructor):
         if net is not None:
-            net.to(dtype)
+            net.to(dtype=dtype, memory_format=memory_layout(cfg))
 
     # [2] DDP
     # A frozen classifier (reconstructor pre-training) has nothing for DDP to synchronise.
@@ -233,7 +233,7 @@ def run_worker(loop_config: dict, session) -> None:
     if reconstructor is not None:
         reconstructor = session.prepare(reconstructor)
     elif mode == "pretrained":
-        reconstructor = _load_frozen_reconstructor(cfg, device)
+        reconstructor = _load_frozen_reconstructor(cfg, device).to(dtype=dtype, memory_format=memory_layout(cfg))
 
     def state_dict(epoch: int, step_in_epoch: int) -> dict:
         rngs = [torch.zeros(0, dtype=torch.uint8) for _ in range(world)]

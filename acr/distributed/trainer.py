@@ -32,6 +32,12 @@ from acr.viz import save_curves
 _RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+# Ray starts every worker process at niceness 15 (RAY_worker_niceness), below the driver. Training workers are the
+# job's main work: they run at normal priority, as a plain PyTorch process would, while Ray Data's decode actors and
+# Ray's helper actors stay at 15.
+TRAINING_WORKER_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+
+
 def _quiet_placement_group_cleaner() -> None:
     """Worker setup hook: without the dashboard Ray's state API is absent, and Train's placement-group cleaner
     would log a warning every second that it cannot query it."""
@@ -165,6 +171,7 @@ def build_trainer(cfg: Config, output_dir: str | Path | RunFolder, loop_config: 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
+            worker_runtime_env=TRAINING_WORKER_ENV,
         ),
     )
 

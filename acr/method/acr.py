@@ -46,8 +46,9 @@ def sample_target(labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def normalize_cam(cam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per image and class, over space: r = ReLU(Z); A = ReLU(r - min r - eps) / (max r - min r + eps) (released
-    code's `max_norm`). Produces exact zeros where r is at its minimum; gradients flow through max and min."""
-    r = F.relu(cam)
+    code's `max_norm`). Produces exact zeros where r is at its minimum; gradients flow through max and min.
+    Computed in at least float32 (a bf16 CAM under autocast is promoted: it is small, and its range matters)."""
+    r = F.relu(cam.to(torch.promote_types(cam.dtype, torch.float32)))
     flat = r.flatten(2)
     lo = flat.min(-1)[0][..., None, None]
     hi = flat.max(-1)[0][..., None, None]
@@ -92,7 +93,7 @@ def masked_l1(recon: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, norm
     code's validity filter); the average is still over the whole batch, so that it does not depend on how the global
     batch is split among workers.
     """
-    per_pixel = (mask * (image - recon).abs()).flatten(1).sum(1)  # (B,)
+    per_pixel = (mask * (image - recon.to(image.dtype)).abs()).flatten(1).sum(1)  # (B,), in the image's precision
     if normalization == "tensor_size":
         denom = torch.full_like(per_pixel, float(image[0].numel()))
     elif normalization == "mask_area":
@@ -153,8 +154,9 @@ def cu_loss(loss_cls: torch.Tensor, loss_t: torch.Tensor, loss_nt: torch.Tensor,
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L_cls: binary cross-entropy with logits, mean over B x C (the released code; = multilabel soft margin)."""
-    return F.binary_cross_entropy_with_logits(logits, labels)
+    """L_cls: binary cross-entropy with logits, mean over B x C (the released code; = multilabel soft margin), in
+    the labels' precision (bf16 logits under autocast are promoted)."""
+    return F.binary_cross_entropy_with_logits(logits.to(labels.dtype), labels)
 
 
 def reconstruction_target(image: torch.Tensor, kind: str) -> torch.Tensor:
@@ -213,7 +215,7 @@ def ru_phase(classifier: nn.Module, reconstructor: nn.Module, batch: Batch, cfg:
             g = remnant_grid(batch.grid_u, q, x.shape[-2:]) if cfg.srf.enabled else torch.zeros_like(a)
         m_t, m_nt = feed_remnants(*decompose(torch.ones_like(a), a), g)
         masked = (x[None] * torch.stack([m_t, m_nt])).flatten(0, 1)  # [X_t^RU; X_nt^RU], (2B, D, h, w)
-        return ([x.detach()] if use_ae else []) + [masked]
+        return ([x if cfg.autoencode_trains_encoder else x.detach()] if use_ae else []) + [masked]
 
     with record_function("ru/reconstructor_forward"):
         logits_e, _, recons = reconstructor(image, compose)

@@ -35,6 +35,11 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def memory_layout(cfg: Config) -> torch.memory_format:
+    """The layout of the networks and images in training (train.channels_last)."""
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+
 def _guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, reduce_mean, counters: StepCounters,
                   limit: int) -> tuple[float, bool]:
     loss.backward()
@@ -57,7 +62,7 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
                counters: StepCounters, reduce_mean: Callable[[torch.Tensor], torch.Tensor], device: torch.device
                ) -> dict[str, float]:
     labels = batch["labels"]
-    b = Batch(image=batch["image"], labels=labels, target=sample_target(labels, batch["target_u"]),
+    b = Batch(image=batch["image"].contiguous(memory_format=memory_layout(cfg)), labels=labels, target=sample_target(labels, batch["target_u"]),
               grid_u=batch["grid_u"])
     out: dict[str, float] = {}
     stats: dict[str, torch.Tensor] = {}
