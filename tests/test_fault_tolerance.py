@@ -1,0 +1,304 @@
+"""Fault tolerance through a real local Ray cluster and the Ray Data training stream, on S3 as on a cloud cluster
+(an s3:// run folder served by a local S3-compatible server, moto). One scenario, three properties:
+
+1. `python ray_jobs/train.py --output-dir s3://...` is killed with its Ray (SIGKILL to its whole session) after its
+   first checkpoint, in the middle of epoch 0; rerunning it with the same --output-dir resumes from that checkpoint
+   (epoch, step, both optimisers, LR and SRF schedules, RNG state, the training stream's position), read from S3.
+2. During that rerun (scaling.max_failures=1) its training worker is killed (SIGKILL) after the next checkpoint:
+   Ray Train starts a new worker group, which resumes from the last checkpoint and completes the run.
+3. The run, interrupted twice, ends with the parameters, optimiser states, step counters and RNG state of an
+   uninterrupted run, and only the newest train.keep_checkpoints checkpoints are left.
+
+The runs use one thread per worker and dropout on: the U-Net's dropout draws from torch's RNG, so the final parameters
+match only if the RNG state is restored too. They are in float32 (a checkpoint of the two ResNet-18 networks and
+their momentum is 185 MB, 370 MB in float64, and the S3 server is local Python): a resumed run repeats the same
+computation in the same order, so the tolerance, 1e-7 absolute on every tensor, leaves room for nothing but
+summation order; state that is not restored (dropout masks, momentum, learning rate) changes the updates themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from acr.checkpoint import load_state
+from acr.config import load_config
+from acr.distributed.storage import RunFolder
+from acr.distributed.trainer import run_training
+from tests.conftest import REPO, TINY_OVERRIDES
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes through /proc")]
+TOLERANCE = 1e-7
+# 2 epochs of 2 steps, a checkpoint after every step: checkpoints at (epoch, step) (0, 1), (1, 0), (1, 1), (2, 0);
+# the newest two are kept.
+RUN = ["train.epochs=2", "train.max_steps_per_epoch=2", "train.batch_size=4", "train.checkpoint_every_steps=1",
+       "train.keep_checkpoints=2", "eval.enabled=false", "train.precision=fp32", "train.threads_per_worker=1",
+       "model.dropout=true", "train.log_every_steps=0", "scaling.max_failures=1"]
+ALL_STEPS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def _overrides(cache_dir) -> list[str]:
+    return TINY_OVERRIDES + [f"data.cache_dir={cache_dir}"] + RUN
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A local S3-compatible server (moto) with a bucket `acr-test`: "host:port". Its (dummy) credentials are in the
+    environment of this process before Ray starts, so that Ray's workers inherit them, as instance credentials are
+    on a cloud node."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                          allow_bucket_creation=True).create_dir("acr-test")
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+        _restore(saved)
+
+
+def _restore(saved: dict) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint):
+    """A local Ray as train.py starts it (its Train settings: reports are polled every 0.25 s), restored after."""
+    import ray
+
+    from acr.distributed.trainer import _RAY_ENV, init_ray
+
+    saved = {k: os.environ.get(k) for k in _RAY_ENV}
+    init_ray(load_config(None, ["ray.num_cpus=4"]))
+    yield
+    ray.shutdown()
+    _restore(saved)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, cache_dir, tmp_path_factory) -> dict:
+    """The uninterrupted run's final state."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    summary = run_training(load_config(None, _overrides(cache_dir)), run)
+    assert summary["resumes"] == []
+    # keep-N: of the four checkpoints written, the newest two are left
+    assert sorted(_checkpoint_dirs(RunFolder(run))) == sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
+    assert len(_checkpoint_dirs(RunFolder(run))) == 2 and RunFolder(run).latest_checkpoint().endswith(
+        Path(summary["checkpoint"]).name)
+    return load_state(summary["checkpoint"])
+
+
+def _assert_same_final_state(state: dict, ref: dict) -> float:
+    """The largest difference over every parameter and momentum buffer, asserted below TOLERANCE."""
+    assert state["counters"] == ref["counters"] and ref["counters"]["cls_steps"] == len(ALL_STEPS)
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 0)
+    pairs = [(f"{net}.{k}", state[net][k], v) for net in ("classifier", "reconstructor") for k, v in ref[net].items()]
+    for opt in ("opt_cls", "opt_rec"):
+        assert state[opt]["param_groups"] == ref[opt]["param_groups"]  # LR schedule position
+        pairs += [(f"{opt} {i} {k}", state[opt]["state"][i][k], v) for i, s in ref[opt]["state"].items()
+                  for k, v in s.items()]
+    worst = 0.0
+    for name, a, b in pairs:
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert b.dtype == torch.float32 or not b.is_floating_point(), name  # train.precision=fp32 throughout
+        diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        assert diff <= TOLERANCE, f"{name} differs by {diff}"
+        worst = max(worst, diff)
+    assert len(state["torch_rng"]) == 1 and torch.equal(state["torch_rng"][0], ref["torch_rng"][0])
+    return worst
+
+
+def _assert_history_complete(folder: RunFolder) -> None:
+    hist = json.loads(folder.read_text("history.json"))
+    assert [(s["epoch"], s["step"]) for s in hist["steps"]] == ALL_STEPS  # every step once, none lost or repeated
+    assert [e["epoch"] for e in hist["epochs"]] == [0, 1]
+    assert hist["resumes"] == json.loads(folder.read_text("summary.json"))["resumes"]
+
+
+def _final_state(folder: RunFolder) -> dict:
+    with folder.fs.open_input_stream(f"{folder.latest_checkpoint()}/state.pt") as f, \
+            tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "state.pt").write_bytes(f.read())
+        return load_state(tmp)
+
+
+def _checkpoint_dirs(folder: RunFolder) -> list[str]:
+    return [i.base_name for i in folder.fs.get_file_info(pafs.FileSelector(folder.path))
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, session id, command line) of every process visible in /proc."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(d)] = (int(fields[1]), int(fields[3]), cmd)
+    return out
+
+
+def _descendants(root: int) -> dict[int, str]:
+    procs = _processes()
+    found, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, _, cmd) in procs.items():
+            if ppid == parent and pid not in found:
+                found[pid] = cmd
+                todo.append(pid)
+    return found
+
+
+def _wait_for_checkpoint(folder: RunFolder, alive, after: dict | None, timeout: float = 600) -> dict:
+    """Wait (while `alive()`) until Ray's record of the run holds a checkpoint other than `after`; its point."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and alive():
+        try:
+            if folder.latest_checkpoint():
+                point = _latest_point(folder)
+                if point != after:
+                    return point
+        except (ValueError, TypeError):  # the record or the checkpoint is being written
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no new checkpoint recorded in {folder.uri()} (run alive: {alive()})")
+
+
+def _latest_point(folder: RunFolder) -> dict:
+    return json.loads(folder.read_text("", fs_path=f"{folder.latest_checkpoint()}/progress.json") or "null")
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL to every process of the session that `proc` leads (a train.py driver, its Ray, its workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(s == proc.pid for _, s, _ in _processes().values()):
+        time.sleep(0.2)
+    for pid, (_, sid, _) in _processes().items():  # anything of that session still alive
+        if sid == proc.pid:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def scenario(ray_cluster, s3_endpoint, cache_dir) -> dict:
+    uri = f"s3://acr-test/runs/voc?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    folder = RunFolder(uri)
+    out: dict = {"folder": folder}
+
+    # [1] train.py, killed with its Ray after its first checkpoint
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "ray_jobs/train.py", "--output-dir", uri] + _overrides(cache_dir),
+                                cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=log)
+        try:
+            _wait_for_checkpoint(folder, lambda: proc.poll() is None, after=None)
+        except AssertionError as exc:
+            log.seek(0)
+            raise AssertionError(f"{exc}; train.py said: {log.read()[-3000:]}") from None
+        finally:
+            _kill_session(proc)
+        log.seek(0)
+        out["driver_returncode"], out["driver_log"] = proc.returncode, log.read()[-3000:]
+    out["first"] = _latest_point(folder)  # as the killed run left it
+    out["interrupted_files"] = {name: folder.read_text(name) for name in ("config.yaml", "summary.json")}
+
+    # [2] the rerun in the same place (what train.py runs), its worker killed after its first new checkpoint
+    result: dict = {}
+
+    def train():
+        try:
+            result["summary"] = run_training(load_config(None, _overrides(cache_dir)), uri)
+        except BaseException as exc:  # reported by the tests
+            result["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        out["before_kill"] = _wait_for_checkpoint(folder, thread.is_alive, after=out["first"])
+        workers = [pid for pid, cmd in _descendants(os.getpid()).items() if cmd.startswith("ray::RayTrainWorker")]
+        out["workers"] = workers
+        if len(workers) == 1:
+            os.kill(workers[0], signal.SIGKILL)
+    finally:
+        thread.join(timeout=600)
+    out.update(result)
+    return out
+
+
+def test_an_interrupted_train_py_resumes_from_its_last_checkpoint_on_s3(scenario):
+    assert scenario["driver_returncode"] == -signal.SIGKILL, scenario["driver_log"]
+    assert scenario["first"] == {"epoch": 0, "step_in_epoch": 1}  # mid-epoch
+    files = scenario["interrupted_files"]
+    assert "max_failures: 1" in files["config.yaml"] and files["summary.json"] is None  # started, not finished
+    assert "error" not in scenario, scenario.get("error")
+    summary = scenario["summary"]
+    assert summary["resumes"][0] == scenario["first"]
+    assert summary["output_dir"] == "s3://acr-test/runs/voc"
+    assert summary["checkpoint"].startswith("s3://acr-test/runs/voc/checkpoint_")
+    assert json.loads(scenario["folder"].read_text("summary.json"))["resumes"] == summary["resumes"]
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(scenario):
+    assert len(scenario["workers"]) == 1, scenario["workers"]
+    assert "error" not in scenario, scenario.get("error")
+    resumes = scenario["summary"]["resumes"]
+    assert len(resumes) == 2  # the rerun, then the new worker group after the kill
+    second = (resumes[1]["epoch"], resumes[1]["step_in_epoch"])
+    before_kill = (scenario["before_kill"]["epoch"], scenario["before_kill"]["step_in_epoch"])
+    assert before_kill <= second < (2, 0) and second > (0, 1)  # the newest checkpoint when the worker died
+    assert not Path(f"/proc/{scenario['workers'][0]}").exists()
+
+
+def test_the_interrupted_run_ends_as_an_uninterrupted_one(scenario, reference):
+    assert "error" not in scenario, scenario.get("error")
+    folder = scenario["folder"]
+    _assert_history_complete(folder)
+    worst = _assert_same_final_state(_final_state(folder), reference)
+    print(f"largest difference from the uninterrupted run: {worst}")
+    # keep-N: Ray's record holds the newest two checkpoints, which exist; older recorded ones are deleted. A folder
+    # outside the record can only be an upload that a kill cut short (at most one per kill): Ray never resumes
+    # from it, nor deletes it.
+    recorded = [r["checkpoint_dir_name"] for r in
+                json.loads(folder.read_text("checkpoint_manager_snapshot.json"))["checkpoint_results"]]
+    dirs = _checkpoint_dirs(folder)
+    assert len(recorded) == 2 and set(recorded) <= set(dirs), (recorded, dirs)
+    assert len(set(dirs) - set(recorded)) <= 2, dirs
