@@ -145,7 +145,7 @@ def _assert_history_complete(folder: RunFolder) -> None:
 
 
 def _final_state(folder: RunFolder) -> dict:
-    with folder.fs.open_input_stream(f"{folder.latest_checkpoint()}/state.pt") as f, \
+    with folder.fs.open_input_file(f"{folder.latest_checkpoint()}/state.pt") as f, \
             tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "state.pt").write_bytes(f.read())
         return load_state(tmp)

@@ -84,7 +84,7 @@ class RunFolder:
         """A file of the run (or a path on its filesystem), None if absent."""
         p = fs_path or f"{self.path}/{name}"
         try:
-            with self.fs.open_input_stream(p) as f:
+            with self.fs.open_input_file(p) as f:  # one sized read (an input stream reads S3 in small pieces)
                 return f.read().decode()
         except (FileNotFoundError, OSError):
             return None
