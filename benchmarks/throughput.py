@@ -141,12 +141,17 @@ def _tiny_batch(cfg: Config, batch: int, seed: int = 0):
 
 
 def _models(cfg: Config):
-    from acr.method.optim import build_optimizer
+    """Both networks in the training layout (train.channels_last) with their optimisers, as the training loop has
+    them, from the config's seed."""
+    from acr.method.optim import build_optimizer, build_reconstructor_optimizer
+    from acr.method.step import memory_layout
     from acr.models.factory import build_classifier, build_reconstructor
 
     torch.manual_seed(cfg.train.seed)
     cls, rec = build_classifier(cfg), build_reconstructor(cfg)
-    return cls, rec, build_optimizer(cls, cfg.optim), build_optimizer(rec, cfg.optim)
+    for net in (cls, rec):
+        net.to(memory_format=memory_layout(cfg))
+    return cls, rec, build_optimizer(cls, cfg.optim), build_reconstructor_optimizer(rec, cfg.optim)
 
 
 def acr_flops_per_image(cfg: Config, batch: int) -> float:
@@ -203,18 +208,63 @@ def profile_step(cfg: Config, batch: int, threads: int, repeats: int = 2) -> dic
     return {k: float(np.median(v)) for k, v in timings.items()}
 
 
-def time_steps(cfg: Config, batch: int, threads: int, steps: int = 3) -> float:
-    """Median seconds of whole RU + CU iterations, without the profiler (after one warm-up iteration)."""
+LOSS_KEYS = ("ru/loss", "cu/loss", "cu/loss_cls", "cu/loss_t", "cu/loss_nt")
+
+
+def time_steps(cfg: Config, batch: int, threads: int, steps: int = 3) -> tuple[float, list[dict]]:
+    """Median seconds of whole RU + CU iterations, without the profiler (after one warm-up iteration), and the losses
+    of every iteration. Same initial weights, batch and dropout draws for every config: the losses of two configs
+    (NCHW / NHWC, fp32 / bf16) are comparable step by step."""
     from acr.method.step import StepCounters, train_step
 
     torch.set_num_threads(threads)
     cls, rec, oc, orr = _models(cfg)
-    b, counters, times = _tiny_batch(cfg, batch), StepCounters(), []
+    b, counters, times, losses = _tiny_batch(cfg, batch), StepCounters(), [], []
+    torch.manual_seed(cfg.train.seed + 1)
     for _ in range(steps + 1):
         t = time.perf_counter()
-        train_step(cls, rec, oc, orr, b, cfg, 0.5, 100, counters, lambda v: v, torch.device("cpu"))
+        out = train_step(cls, rec, oc, orr, b, cfg, 0.5, 100, counters, lambda v: v, torch.device("cpu"))
         times.append(time.perf_counter() - t)
-    return float(np.median(times[1:]))
+        losses.append({k: out[k] for k in LOSS_KEYS if k in out})
+    return float(np.median(times[1:])), losses
+
+
+def loss_deviation(losses: list[dict], reference: list[dict]) -> dict:
+    """Per loss: the largest difference over the steps from the reference run's, absolute and relative to the loss's
+    mean magnitude in the reference (a term that stays near 0, such as L_nt^CU at random init, has no meaningful
+    relative deviation: None below 1e-3)."""
+    out = {}
+    for k in reference[0]:
+        diff = max(abs(a[k] - r[k]) for a, r in zip(losses, reference))
+        scale = float(np.mean([abs(r[k]) for r in reference]))
+        out[k] = {"max_abs": diff, "relative": diff / scale if scale >= 1e-3 else None}
+    return out
+
+
+def largest_relative(deviation: dict) -> tuple[str, float]:
+    k = max((k for k in deviation if deviation[k]["relative"] is not None), key=lambda k: deviation[k]["relative"])
+    return k, deviation[k]["relative"]
+
+
+def released_waste_flops(cfg: Config, batch: int) -> float:
+    """FLOPs per image the released code spends on work that produces nothing: in its CU phase the U-Net's
+    parameters still require gradients, so both decoder passes also compute the decoder's weight gradients, which
+    `opt_recon.zero_grad()` throws away (acr-method.md 3.2). Measured as the difference between the decoder's
+    forward + backward on the CU inputs with and without parameter gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from acr.models.factory import build_reconstructor
+
+    dec = build_reconstructor(cfg).decoder
+    s, ch = cfg.augment.crop_size, sum(cfg.model.encoder_tap_channels)
+    flops = []
+    for weights in (True, False):
+        dec.requires_grad_(weights)
+        x = torch.randn(2 * batch, ch, s, s, requires_grad=True)  # [X_t; X_nt] at image resolution
+        with FlopCounterMode(display=False) as fc:
+            dec(x).sum().backward()
+        flops.append(fc.get_total_flops())
+    return (flops[0] - flops[1]) / batch
 
 
 def cam_and_crf(cfg: Config, threads: int, images: int) -> dict:
@@ -246,6 +296,41 @@ def cam_and_crf(cfg: Config, threads: int, images: int) -> dict:
             "dense_crf": {"images_per_second": crf_ips, "params": "psa (10 iterations)", "image_size": [h, w]}}
 
 
+# The released code's workload (configs/voc_official.yaml: resnet38d, batch 2, 256 px, random init) in this
+# project's implementation: before the speed-ups (NCHW), then as it trains by default (NHWC), then in bf16.
+OFFICIAL_VARIANTS = {
+    "fp32, NCHW (layout before the speed-up)": ["train.precision=fp32", "train.channels_last=false"],
+    "fp32, NHWC (train.channels_last, default)": ["train.precision=fp32", "train.channels_last=true"],
+    "bf16 autocast, NHWC (train.precision=bf16)": ["train.precision=bf16", "train.channels_last=true"],
+}
+
+
+def official(threads: int, bf16_kernels: bool, steps: int = 3) -> dict:
+    """Time each variant of the released workload, compare its losses with the first variant's, count FLOPs, the
+    released code's wasted FLOPs, and profile the default variant per phase and pass."""
+    def cfg_for(extra):
+        return load_config(REPO / "configs/voc_official.yaml",
+                           ["data.format=synthetic", "synthetic.image_size=300", "train.batch_size=2",
+                            "scaling.use_gpu=false", "synthetic.num_classes=20", *extra])
+
+    out, reference = {"variants": {}}, None
+    for name, extra in OFFICIAL_VARIANTS.items():
+        if "bf16" in name and not bf16_kernels:
+            out["variants"][name] = {"skipped": "this CPU has no oneDNN bf16 kernels"}
+            continue
+        seconds, losses = time_steps(cfg_for(extra), 2, threads, steps)
+        reference = reference or losses
+        out["variants"][name] = {"seconds_per_step": seconds, "images_per_second": 2 / seconds, "losses": losses,
+                                 "loss_deviation": loss_deviation(losses, reference)}
+        print(f"  {name}: {seconds:.1f} s/step", flush=True)
+    default = cfg_for(OFFICIAL_VARIANTS["fp32, NHWC (train.channels_last, default)"])
+    out["gflop_per_image"] = acr_flops_per_image(default, 2) / 1e9
+    out["released_waste_gflop_per_image"] = released_waste_flops(default, 2) / 1e9
+    out["profile"] = profile_step(default, 2, threads)
+    out["steps_timed"] = steps
+    return out
+
+
 def markdown(res: dict) -> str:
     ref = res["reference"]
     mm = ref["matmul_fp32_gflops"]
@@ -264,7 +349,10 @@ def markdown(res: dict) -> str:
         lines.append(f"| {name} | {r['images_per_second']:.2f} | {r['seconds_per_step_median']:.2f} | "
                      f"{100 * r['data_wait_share']:.1f}% | {r['overhead_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
     p, t1 = res["plain_loop"]["images_per_second"], res["trainer_1_worker"]["images_per_second"]
-    lines += ["", f"TorchTrainer (1 worker) versus the plain loop: {100 * (t1 / p - 1):+.1f}% throughput.",
+    each = "; ".join(f"{name}: " + ", ".join(f"{v:.2f}" for v in r["runs_images_per_second"]) for name, r in rows)
+    lines += ["", f"TorchTrainer (1 worker) versus the plain loop: {100 * (t1 / p - 1):+.1f}% throughput (median of "
+              f"{len(res['plain_loop']['runs_images_per_second'])} interleaved runs each; every run's images/s: "
+              f"{each}).",
               f"FLOPs of one iteration: {res['gflop_per_image']:.1f} GFLOP per image (forward + backward, both phases, "
               f"`torch.utils.flop_counter`); the plain loop reaches "
               f"{res['gflop_per_image'] * p:.0f} GFLOP/s ({100 * res['gflop_per_image'] * p / mm:.0f}% "
@@ -276,17 +364,38 @@ def markdown(res: dict) -> str:
               f"{res['dense_crf']['image_size'][0]}x{res['dense_crf']['image_size'][1]} |"]
     if "official" in res:
         o = res["official"]
-        lines += ["", "### The released code's workload: resnet38d, batch 2, 256x256, random init, 2 threads", "",
-                  "| implementation | s/step | images/s | GFLOP/image | GFLOP/s |", "|---|---|---|---|---|",
+        released_ips = 2 / RELEASED_SECONDS_PER_STEP
+        lines += ["", f"### The released code's workload: resnet38d, batch 2, 256x256, random init, {t} threads", "",
+                  "| implementation | s/step | images/s | x released | GFLOP/s | of fp32 matmul | max loss deviation |",
+                  "|---|---|---|---|---|---|---|",
                   f"| released code (issue 3: measured 2026-11-25 on the spec's machine) | {RELEASED_SECONDS_PER_STEP:.1f} | "
-                  f"{2 / RELEASED_SECONDS_PER_STEP:.3f} | {RELEASED_GFLOP_PER_IMAGE:.0f} | "
-                  f"{RELEASED_GFLOP_PER_IMAGE * 2 / RELEASED_SECONDS_PER_STEP:.0f} |",
-                  f"| this project, fp32, this machine | {o['seconds_per_step']:.1f} | {2 / o['seconds_per_step']:.3f} | "
-                  f"{o['gflop_per_image']:.0f} | {o['gflop_per_image'] * 2 / o['seconds_per_step']:.0f} "
-                  f"({100 * o['gflop_per_image'] * 2 / o['seconds_per_step'] / mm:.0f}% of matmul) |", "",
-                  "Where the time goes (seconds per iteration, measured with the profiler on, which inflates the "
-                  "forward rows a little; indented rows are forward scopes inside the phase):", "",
-                  "| part | seconds |", "|---|---|"]
+                  f"{released_ips:.3f} | 1.00 | {RELEASED_GFLOP_PER_IMAGE * released_ips:.0f} | "
+                  f"{100 * RELEASED_GFLOP_PER_IMAGE * released_ips / SPEC_MATMUL_GFLOPS_FP32:.0f}% (spec machine) | - |"]
+        for name, v in o["variants"].items():
+            if "skipped" in v:
+                lines.append(f"| this project, {name} | - | - | - | - | - | skipped: {v['skipped']} |")
+                continue
+            rate = o["gflop_per_image"] * v["images_per_second"]
+            key, dev = largest_relative(v["loss_deviation"])
+            lines.append(f"| this project, {name} | {v['seconds_per_step']:.1f} | {v['images_per_second']:.3f} | "
+                         f"{v['images_per_second'] / released_ips:.2f} | {rate:.0f} | {100 * rate / mm:.0f}% | "
+                         f"{100 * dev:.2g}% ({key}) |")
+        lines += ["", f"FLOPs of one iteration here: {o['gflop_per_image']:.0f} GFLOP per image (the released code: "
+                  f"{RELEASED_GFLOP_PER_IMAGE:.0f}). Work of the released code that produces nothing: "
+                  f"{o['released_waste_gflop_per_image']:.0f} GFLOP per image "
+                  f"({100 * o['released_waste_gflop_per_image'] / RELEASED_GFLOP_PER_IMAGE:.1f}% of its FLOPs), the "
+                  "U-Net weight gradients of its CU phase, which it discards; here the reconstructor's parameters do "
+                  "not require gradients in CU, so they are never computed. GFLOP/s of a variant = this project's "
+                  "GFLOP per image x its images/s; the matmul rate is the fp32 one measured in this run (bf16 rows "
+                  "can exceed 100%; convolutions reach more than matmul here: "
+                  f"{res['reference']['conv3x3_fp32_gflops']:.0f} GFLOP/s). Loss deviation: the largest difference of "
+                  "a loss (RU, CU and the CU terms) from the first row over "
+                  f"{o['steps_timed'] + 1} iterations with the same weights, batch and dropout draws, relative to "
+                  "that loss's mean magnitude (every value in benchmarks/results/throughput.json). Max-normalised "
+                  "CAMs amplify rounding: NHWC differs from NCHW only in the order of additions.", "",
+                  "Where the time goes in the default fp32 NHWC variant (seconds per iteration, measured with the "
+                  "profiler on, which inflates the forward rows a little; indented rows are forward scopes inside "
+                  "the phase):", "", "| part | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in o["profile"].items()]
     return "\n".join(lines) + "\n"
 
@@ -311,6 +420,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="training steps per variant")
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the steady state")
     ap.add_argument("--images", type=int, default=16, help="images for the CAM and CRF timings")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each training variant (median)")
     ap.add_argument("--official", action="store_true", help="also time the released code's workload")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -322,18 +432,21 @@ def main() -> None:
     cfg = cfg_for()
     res = {"reference": reference_rates(args.threads), "size": f"{cfg.model.backbone}, batch {cfg.train.batch_size}, {cfg.augment.crop_size}x"
                    f"{cfg.augment.crop_size} ({Path(args.config).name})", "threads_total": args.threads}
-    res["plain_loop"] = run_plain(cfg, args.threads, args.warmup)
-    res["trainer_1_worker"] = run_trainer(cfg_for(), 1, args.threads, args.warmup)
-    res["trainer_2_workers"] = run_trainer(cfg_for(), 2, args.threads, args.warmup)
+    # The variants run in turn, --repeats times: on a shared machine the load drifts over minutes, and interleaved
+    # runs see the same drift. Each variant reports its median run.
+    runs: dict[str, list[dict]] = {"plain_loop": [], "trainer_1_worker": [], "trainer_2_workers": []}
+    for _ in range(args.repeats):
+        runs["plain_loop"].append(run_plain(cfg_for(), args.threads, args.warmup))
+        runs["trainer_1_worker"].append(run_trainer(cfg_for(), 1, args.threads, args.warmup))
+        runs["trainer_2_workers"].append(run_trainer(cfg_for(), 2, args.threads, args.warmup))
+    for name, rs in runs.items():
+        rates = [r["images_per_second"] for r in rs]
+        res[name] = {**sorted(rs, key=lambda r: r["images_per_second"])[(len(rs) - 1) // 2],
+                     "runs_images_per_second": rates}
     res["gflop_per_image"] = acr_flops_per_image(cfg, cfg.train.batch_size) / 1e9
     res.update(cam_and_crf(cfg_for(), args.threads, args.images))
     if args.official:
-        off = load_config(REPO / "configs/voc_official.yaml",
-                          ["data.format=synthetic", "synthetic.image_size=300", "train.batch_size=2",
-                           "scaling.use_gpu=false", "synthetic.num_classes=20"])
-        prof = profile_step(off, 2, args.threads)
-        res["official"] = {"seconds_per_step": time_steps(off, 2, args.threads),
-                           "gflop_per_image": acr_flops_per_image(off, 2) / 1e9, "profile": prof}
+        res["official"] = official(args.threads, res["reference"]["onednn_bf16"])
     res.update({"commit": commit(), "command": " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]]),
                 "machine": machine(), "date": time.strftime("%Y-%m-%d")})
     RESULTS.mkdir(parents=True, exist_ok=True)
