@@ -211,8 +211,8 @@ class TrainConfig:
     # Networks and images in NHWC memory layout (torch.channels_last): oneDNN's fast convolution path on CPUs, tensor
     # cores on GPUs. The same computation as NCHW, in another summation order.
     channels_last: bool = True
-    # A non-finite loss skips that optimiser step (released code); after this many in a row the run stops with an
-    # error, keeping the last good checkpoint.
+    # A non-finite loss skips that optimiser step (released code); one more than this many in a row stops the run
+    # with an error, keeping the last good checkpoint (0 = stop at the first).
     max_consecutive_nonfinite: int = 10
 
 
@@ -596,8 +596,8 @@ def validate(cfg: Config) -> None:
     need(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1,
          f"train.max_steps_per_epoch must be >= 1 or null, got {tr.max_steps_per_epoch}")
     need(tr.log_every_steps >= 0, f"train.log_every_steps must be >= 0, got {tr.log_every_steps}")
-    need(tr.max_consecutive_nonfinite >= 1,
-         f"train.max_consecutive_nonfinite must be >= 1, got {tr.max_consecutive_nonfinite}")
+    need(tr.max_consecutive_nonfinite >= 0,
+         f"train.max_consecutive_nonfinite must be >= 0 (0 = stop at the first), got {tr.max_consecutive_nonfinite}")
     need(cfg.scaling.max_failures >= -1, f"scaling.max_failures must be >= 0, or -1 (unlimited), got "
          f"{cfg.scaling.max_failures}")
     need(cfg.optim.reconstructor_lr is None or cfg.optim.reconstructor_lr > 0,
