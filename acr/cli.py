@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from acr.config import Config, ConfigError, load_config
+from acr.distributed.storage import is_uri
 
 
 def parse_job_args(description: str, default_config: Path | None, argv=None, job: str = "run", add_args=None,
@@ -29,7 +30,7 @@ def parse_job_args(description: str, default_config: Path | None, argv=None, job
     except ConfigError as exc:
         p.exit(2, f"{p.prog}: config error: {exc}\n")
     out = args.output_dir
-    if out is not None and "://" in out:
+    if out is not None and is_uri(out):
         if not uri_output:
             p.exit(2, f"{p.prog}: --output-dir {out}: this job writes a local (or mounted shared) folder; only "
                       "ray_jobs/train.py writes to a URI\n")

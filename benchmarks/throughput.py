@@ -372,7 +372,8 @@ def markdown(res: dict) -> str:
                 lines.append(f"| this project, {name} | - | - | - | - | - | skipped: {v['skipped']} |")
                 continue
             rate = o["gflop_per_image"] * v["images_per_second"]
-            (k0, d0), (k1, d1) = (lambda d: (d[0], d[-1]))(loss_deviation(v["losses"], reference))
+            deviation = loss_deviation(v["losses"], reference)
+            (k0, d0), (k1, d1) = deviation[0], deviation[-1]
             lines.append(f"| this project, {name} | {v['seconds_per_step']:.1f} | {v['images_per_second']:.3f} | "
                          f"{v['images_per_second'] / released_ips:.2f} | {rate:.0f} | {100 * rate / mm:.0f}% | "
                          f"{100 * d0:.2g}% ({k0}) / {100 * d1:.2g}% ({k1}) |")

@@ -46,6 +46,11 @@ class RunFolder:
             raise ValueError(f"output folder {location}: needs a folder under the bucket or root, e.g. "
                              "s3://my-bucket/runs/voc")
 
+    @classmethod
+    def of(cls, location: "str | Path | RunFolder") -> "RunFolder":
+        """`location` as a RunFolder (itself if it is one)."""
+        return location if isinstance(location, RunFolder) else cls(location)
+
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)

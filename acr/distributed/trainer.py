@@ -106,7 +106,7 @@ def _free_port() -> int:
 def resume_point(output_dir: str | Path | RunFolder) -> tuple[int, int]:
     """(epoch, step) of the checkpoint that Ray Train resumes from in `output_dir` ((0, 0) if none): the latest one
     in Ray's record of the run, so that the training stream starts where the restored networks left off."""
-    folder = output_dir if isinstance(output_dir, RunFolder) else RunFolder(output_dir)
+    folder = RunFolder.of(output_dir)
     latest = folder.latest_checkpoint()
     text = folder.read_text("", fs_path=f"{latest}/{PROGRESS_FILE}") if latest else None
     if latest and text is None:
@@ -156,7 +156,7 @@ def build_trainer(cfg: Config, output_dir: str | Path | RunFolder, loop_config: 
     storage_path + name): `datasets["train"]` is split among the workers, in order; the last
     `train.keep_checkpoints` checkpoints are kept; after a worker fails, the worker group restarts from the last
     checkpoint up to `scaling.max_failures` times."""
-    folder = output_dir if isinstance(output_dir, RunFolder) else RunFolder(output_dir)
+    folder = RunFolder.of(output_dir)
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # the stream's order is the epoch's permutation (acr.data.ingest)
     return TorchTrainer(

@@ -62,8 +62,8 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
                counters: StepCounters, reduce_mean: Callable[[torch.Tensor], torch.Tensor], device: torch.device
                ) -> dict[str, float]:
     labels = batch["labels"]
-    b = Batch(image=batch["image"].contiguous(memory_format=memory_layout(cfg)), labels=labels, target=sample_target(labels, batch["target_u"]),
-              grid_u=batch["grid_u"])
+    b = Batch(image=batch["image"].contiguous(memory_format=memory_layout(cfg)), labels=labels,
+              target=sample_target(labels, batch["target_u"]), grid_u=batch["grid_u"])
     out: dict[str, float] = {}
     stats: dict[str, torch.Tensor] = {}
     limit = cfg.train.max_consecutive_nonfinite
