@@ -1,4 +1,4 @@
-# `make demo`: train ACR on the embedded synthetic dataset (about 10 minutes on 2 CPU cores).
+# `make demo`: train ACR on the embedded synthetic dataset (about 2-3 minutes on 2 idle CPU cores).
 # `make test`: the test suite. Both create .venv and install the project with its test extras on first use.
 PYTHON ?= python3
 VENV ?= .venv
