@@ -1,5 +1,7 @@
 """Gradient isolation: each phase's gradients reach only the network it trains."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -212,3 +214,33 @@ def test_bf16_autocast_stays_close_to_fp32(setup):
     for k in ("ru/loss", "cu/loss_cls", "cu/loss_t", "cu/loss_nt"):
         assert bf16[k] == pytest.approx(fp32[k], rel=0.02), (k, bf16[k], fp32[k])
     assert bf16["ru/loss"] != fp32["ru/loss"]  # bf16 really ran
+
+
+def test_adversarial_losses_take_a_map_at_any_resolution(setup):
+    """The CU terms of a target map given at image resolution (as benchmarks/cu_objective.py scores ground-truth
+    masks) with decomposition at the feature resolution: the decoder inputs use the map area-averaged to the feature
+    cells, the validation masks use the map itself; checked against the equations written out. Gradients reach the
+    map, not G; a zero weight drops its term."""
+    from acr.method import acr as A
+
+    cfg, cls, rec, batch = setup
+    mcfg = dataclasses.replace(cfg.method, decompose_at="feature", cu_nontarget_mask="cam")
+    rec.requires_grad_(False)
+    with torch.no_grad():
+        cam, _ = cls(batch.image)
+        _, x = rec.encode(batch.image)
+    (h, w), size = x.shape[-2:], batch.image.shape[-2:]
+    fine = (torch.rand(2, 1, *size) > 0.5).float()
+    fine[:, :, : size[0] // 2] = 0.0  # exact zeros: the released V_t^CU = 1[A == 0] is non-empty
+    fine.requires_grad_(True)
+    got = A.adversarial_losses(rec, x, batch.image, fine, cam, batch.target, mcfg)
+    coarse = torch.nn.functional.avg_pool2d(fine, (size[0] // h, size[1] // w))  # mean over each feature cell
+    r_t, r_nt = rec.decode(torch.cat([coarse * x, (1 - coarse) * x]), size).chunk(2)
+    expected_t = -A.masked_l1(r_t, batch.image, (fine == 0).float(), "tensor_size")
+    expected_nt = -A.masked_l1(r_nt, batch.image, fine.detach(), "tensor_size")
+    assert got["t"].item() == pytest.approx(expected_t.item(), rel=1e-5)
+    assert got["nt"].item() == pytest.approx(expected_nt.item(), rel=1e-5)
+    (g,) = torch.autograd.grad(got["nt"], fine)
+    assert g.abs().sum() > 0 and all(p.grad is None for p in rec.parameters())
+    zero_weight = dataclasses.replace(mcfg, cu_target_weight=0.0)
+    assert set(A.adversarial_losses(rec, x, batch.image, fine, cam, batch.target, zero_weight)) == {"nt"}

@@ -174,6 +174,43 @@ def _upsample(t: torch.Tensor, size) -> torch.Tensor:
     return t if t.shape[-2:] == tuple(size) else F.interpolate(t, size=size, mode="bilinear", align_corners=False)
 
 
+def _resize(t: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear up, area-average down (a map given at image resolution, taken to the feature resolution)."""
+    if t.shape[-1] > size[-1]:
+        return F.adaptive_avg_pool2d(t, size)
+    return _upsample(t, size)
+
+
+def adversarial_losses(rec: nn.Module, x: torch.Tensor, image: torch.Tensor, a_t: torch.Tensor, cam: torch.Tensor,
+                       target: torch.Tensor, cfg: MethodConfig) -> dict[str, torch.Tensor]:
+    """The CU phase's reconstruction terms for a target map `a_t` (B, 1, h, w) at any resolution: {"t": L_t^CU (Eq. 12),
+    "nt": L_nt^CU (Eq. 13)}, each present only where its weight is non-zero. `x` is G_E's feature of `image`, `cam`
+    the classifier's raw CAM (B, C, h', w') for the released V_nt^CU. Gradients reach `a_t` through the decoder inputs
+    X ⊙ A_t and X ⊙ (1 - A_t) only (the masks are detached); `rec` (unwrapped, frozen) decodes both in one pass."""
+    size = image.shape[-2:]
+    active = [name for w, name in ((cfg.cu_target_weight, "t"), (cfg.cu_nontarget_weight, "nt")) if w != 0]
+    if not active:
+        return {}
+    a_img = _resize(a_t, size)
+    if cfg.decompose_at == "image":
+        x, a = _upsample(x, size), a_img
+    else:
+        a = _resize(a_t, x.shape[-2:])
+    masks = dict(zip(("t", "nt"), decompose(torch.ones_like(a), a)))  # Eq. 3 on X = 1: X_t = A_t X, X_nt = (1-A_t) X
+    inputs = (x[None] * torch.stack([masks[n] for n in active])).flatten(0, 1)
+    with record_function("cu/decoder_forward"):
+        recon = dict(zip(active, rec.decode(inputs, size).chunk(len(active))))
+    image_target = reconstruction_target(image, cfg.reconstruction_target)
+    v_t, v_nt = cu_validation_masks(a_img, _upsample(cam, size) if cfg.cu_nontarget_mask == "cam_where_top" else cam,
+                                    target, cfg.cu_target_mask, cfg.cu_nontarget_mask)
+    out = {}
+    if "t" in recon:
+        out["t"] = cu_target_loss(recon["t"], image_target, v_t, cfg.l1_normalization)
+    if "nt" in recon:
+        out["nt"] = cu_nontarget_loss(recon["nt"], image_target, v_nt, cfg.l1_normalization)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The two phases
 
@@ -249,14 +286,12 @@ def cu_phase(classifier: nn.Module, reconstructor: nn.Module | None, batch: Batc
     through `classifier` (DDP-wrapped), is trained with Eq. 14. The reconstruction terms reach F only through A_t.
     With `reconstructor=None` (the baseline) this is plain classification."""
     classifier.train()
-    image, size = batch.image, batch.image.shape[-2:]
+    image = batch.image
     with record_function("cu/classifier_forward"):
         cam, logits = classifier(image)
     loss_cls = classification_loss(logits, batch.labels)
     stats = {"cu/loss_cls": loss_cls.detach()}
-    terms = [(cfg.cu_target_weight, "t"), (cfg.cu_nontarget_weight, "nt")]
-    active = [name for w, name in terms if w != 0]
-    if reconstructor is None or not active:
+    if reconstructor is None or (cfg.cu_target_weight == 0 and cfg.cu_nontarget_weight == 0):
         stats["cu/loss"] = loss_cls.detach()
         return loss_cls, stats
 
@@ -266,21 +301,9 @@ def cu_phase(classifier: nn.Module, reconstructor: nn.Module | None, batch: Batc
     with torch.no_grad(), record_function("cu/encoder_forward"):
         _, x = rec.encode(image)
     a_t = target_cam(normalize_cam(cam), batch.labels, batch.target)  # with gradient
-    a_img = _upsample(a_t, size)
-    if cfg.decompose_at == "image":
-        x, a = _upsample(x, size), a_img
-    else:
-        a = _upsample(a_t, x.shape[-2:])
-    masks = dict(zip(("t", "nt"), decompose(torch.ones_like(a), a)))  # Eq. 3 on X = 1: X_t = A_t X, X_nt = (1-A_t) X
-    inputs = (x[None] * torch.stack([masks[n] for n in active])).flatten(0, 1)
-    with record_function("cu/decoder_forward"):
-        recon = dict(zip(active, rec.decode(inputs, size).chunk(len(active))))
-    target = reconstruction_target(image, cfg.reconstruction_target)
-    v_t, v_nt = cu_validation_masks(a_img, _upsample(cam, size) if cfg.cu_nontarget_mask == "cam_where_top" else cam,
-                                    batch.target, cfg.cu_target_mask, cfg.cu_nontarget_mask)
+    losses = adversarial_losses(rec, x, image, a_t, cam, batch.target, cfg)
     zero = loss_cls.new_zeros(())
-    loss_t = cu_target_loss(recon["t"], target, v_t, cfg.l1_normalization) if "t" in recon else zero
-    loss_nt = cu_nontarget_loss(recon["nt"], target, v_nt, cfg.l1_normalization) if "nt" in recon else zero
+    loss_t, loss_nt = losses.get("t", zero), losses.get("nt", zero)
     loss = cu_loss(loss_cls, loss_t, loss_nt, cfg.cu_target_weight, cfg.cu_nontarget_weight)
     stats.update({"cu/loss_t": loss_t.detach(), "cu/loss_nt": loss_nt.detach(), "cu/loss": loss.detach()})
     return loss, stats
