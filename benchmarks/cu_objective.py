@@ -19,7 +19,8 @@ classifier's own map and the ground truth:
 It reports the mean of J and of each term, and how often a map scores above `cam`. It also reports the gradient
 dJ/dA at A = cam (what one CU step does to the map), averaged over four regions: the target object where cam < 0.5
 (what recall needs), the object where cam >= 0.5, other objects, and background (what precision must not gain).
-Results: benchmarks/results/cu_objective.json and the "CU objective" section of BENCHMARKS.md.
+Results: benchmarks/results/cu_objective.json (cu_objective_<N>_epochs.json for --epochs N) and the matching "CU
+objective" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -39,21 +40,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from acr.checkpoint import load_state  # noqa: E402
-from acr.config import config_from_dict, num_classes  # noqa: E402
+from acr.config import config_from_dict, load_config, num_classes  # noqa: E402
 from acr.data.sources import dataset_root  # noqa: E402
 from acr.data.transforms import to_chw_normalized  # noqa: E402
 from acr.data.voc import load_image, load_mask, read_voc_split  # noqa: E402
 from acr.method.acr import adversarial_losses, classification_loss, normalize_cam, target_cam  # noqa: E402
 from acr.models.factory import build_classifier, build_reconstructor  # noqa: E402
-from benchmarks.ablations import EXTRA, pretrained_backbone, train  # noqa: E402
+from benchmarks.ablations import EXTRA, RUN_KEYS, pretrained_backbone, train  # noqa: E402
 from benchmarks.throughput import commit, machine, write_benchmarks_md  # noqa: E402
 
 CANDIDATES = ("cam", "cam_within_object", "cam_plus_object", "object", "cam_widened", "everything")
 TERMS, METRICS = ("J_t", "J_nt", "J"), ("precision", "recall", "IoU")
 REGIONS = ("object, cam < 0.5", "object, cam >= 0.5", "other objects", "background")
-# The two ACR runs scored by default (seed 0, the ablation budget): the released settings, and the reconstructor that
-# learns to auto-encode (EXTRA row `adversarial_srf_ae_encoder`).
-DEFAULT_RUNS = {"adversarial_srf": [], "adversarial_srf_ae_encoder": EXTRA["adversarial_srf_ae_encoder"]}
+# The runs trained by default (seed 0, the ablations' budget and backbone): the baseline (for its CAM scores only), ACR
+# with the released settings, ACR whose reconstructor learns to auto-encode (EXTRA row `adversarial_srf_ae_encoder`),
+# and ACR with ten times the released CU weights (0.8 / 0.3).
+RUNS = {"baseline": ["method.reconstructor=none"], "adversarial_srf": [],
+        "adversarial_srf_ae_encoder": EXTRA["adversarial_srf_ae_encoder"],
+        "adversarial_srf_cu_x10": ["method.cu_target_weight=8", "method.cu_nontarget_weight=3"]}
 
 
 def load_networks(checkpoint: Path):
@@ -168,13 +172,13 @@ def update_share(cls, rec, records, mcfg, n_cls: int, batch: int = 16, batches: 
                        if n in losses)
         g_cls = torch.cat([g.flatten() for g in torch.autograd.grad(loss_cls, params, retain_graph=True)])
         g_adv = torch.cat([g.flatten() for g in torch.autograd.grad(loss_adv, params)])
-        rows.append((float(loss_cls), float(g_cls.norm()), float(g_adv.norm()),
+        rows.append((len(chunk), float(loss_cls), float(g_cls.norm()), float(g_adv.norm()),
                      float(g_cls @ g_adv / (g_cls.norm() * g_adv.norm()).clamp_min(1e-30))))
     cls.eval().requires_grad_(False)
     v = np.array(rows)
-    return {"loss_cls": float(v[:, 0].mean()), "grad_norm_cls": float(v[:, 1].mean()),
-            "grad_norm_adversarial": float(v[:, 2].mean()), "ratio": float((v[:, 2] / v[:, 1]).mean()),
-            "cosine": float(v[:, 3].mean()), "batches": len(rows), "batch": batch}
+    return {"loss_cls": float(v[:, 1].mean()), "grad_norm_cls": float(v[:, 2].mean()),
+            "grad_norm_adversarial": float(v[:, 3].mean()), "ratio": float((v[:, 3] / v[:, 2]).mean()),
+            "cosine": float(v[:, 4].mean()), "batches": len(rows), "batch": int(v[:, 0].max())}
 
 
 def gradient_alignment(rec, x, image, cam, labels, target, obj, valid, mcfg) -> dict[tuple[str, str], float]:
@@ -205,11 +209,54 @@ def gradient_alignment(rec, x, image, cam, labels, target, obj, valid, mcfg) -> 
     return out
 
 
-def markdown(results: dict[str, dict]) -> str:
+def push(name: str, checkpoint: Path, base: list[str], work: Path, epochs: int, factors) -> dict[str, dict]:
+    """Does a larger step along the adversarial gradient improve the CAMs? From a trained ACR run, fine-tune its
+    classifier for `epochs` epochs against its own reconstructor, frozen (`method.reconstructor=pretrained`), with
+    the CU weights (λ_t, λ_nt) multiplied by k; k = 0 is the control (L_cls alone, the same fine-tuning)."""
+    mcfg = load_config(REPO / "configs/demo.yaml", base + RUNS[name]).method
+    out = {}
+    for k in factors:
+        overrides = RUNS[name] + [
+            "method.reconstructor=pretrained", f"method.pretrained_reconstructor={checkpoint}",
+            f"method.init_classifier={checkpoint}", f"train.epochs={epochs}",
+            f"method.cu_target_weight={k * mcfg.cu_target_weight}",
+            f"method.cu_nontarget_weight={k * mcfg.cu_nontarget_weight}"]
+        final, _ = train(f"{name}_push_x{k}", overrides, work, base)
+        out[f"x{k}"] = {m: final[m] for m in ("cam_miou", "precision", "recall", "threshold") if m in final}
+    return out
+
+
+def trajectory(run_folder: Path, max_images: int | None) -> list[dict]:
+    """The update share (see `update_share`) at every epoch's checkpoint of a run folder."""
     out = []
+    for k, ckpt in enumerate(sorted(run_folder.glob("checkpoint_*")), start=1):
+        cls, rec, cfg = load_networks(ckpt)
+        records = read_voc_split(dataset_root(cfg), cfg.eval.split, num_classes(cfg), require_masks=True)[:max_images]
+        out.append({"checkpoint": k, **update_share(cls, rec, records, cfg.method, num_classes(cfg))})
+    return out
+
+
+def markdown(results: dict[str, dict], trained: dict[str, dict]) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    out = ["| run | CAM mIoU | precision | recall | auto-encoding L1 | adversarial / L_cls gradient | "
+           "cos(∇J_t, ∇precision) | cos(∇J_nt, ∇recall) | cos(∇J, ∇IoU) | J(object) > J(cam) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in trained | results:
+        m, r = trained.get(run, {}), results.get(run)
+        row = [f"`{run}`", f(100 * m["cam_miou"] if "cam_miou" in m else None, ".1f"), f(m.get("precision"), ".3f"),
+               f(m.get("recall"), ".3f"), f(m.get("ru/loss_autoencode"), ".3f")]
+        if r:
+            al = r["alignment"]
+            row += [f"{r['update_share']['ratio']:.3f}", *(f"{al[k]['mean_cosine']:+.2f}" for k in
+                    ("J_t vs precision", "J_nt vs recall", "J vs IoU")), f"{100 * r['maps']['object']['above_cam']:.0f}%"]
+        else:
+            row += ["-"] * 5
+        out.append("| " + " | ".join(row) + " |")
     for run, r in results.items():
         w = r["weights"]
-        out += [f"`{run}` ({r['pairs']} (image, class) pairs of {r['images']} val images; λ_t {w['lambda_t']}, "
+        out += ["", f"`{run}` ({r['pairs']} (image, class) pairs of {r['images']} val images; λ_t {w['lambda_t']}, "
                 f"λ_nt {w['lambda_nt']}; V_t `{r['masks']['target']}`, V_nt `{r['masks']['nontarget']}`, "
                 f"`{r['masks']['normalization']}`):", "",
                 "| target map A | J (x1e3) | ℓ_t (x1e3) | ℓ_nt (x1e3) | pairs with J above `cam` |", "|---|---|---|---|---|"]
@@ -220,7 +267,7 @@ def markdown(results: dict[str, dict]) -> str:
         for reg, g in r["gradient_at_cam"].items():
             if g["mean"] is not None:
                 out.append(f"| {reg} | {g['mean']:+.4f} | {g['pairs']} | {100 * g['positive']:.0f}% |")
-        out += ["", "| gradient of (A = cam) | cosine with ∇precision | with ∇recall | with ∇IoU |", "|---|---|---|---|"]
+        out += ["", "| gradient at A = cam of | cosine with ∇precision | with ∇recall | with ∇IoU |", "|---|---|---|---|"]
         for term in TERMS:
             cells = [r["alignment"][f"{term} vs {m}"] for m in METRICS]
             out.append(f"| {term} | " + " | ".join(
@@ -229,39 +276,69 @@ def markdown(results: dict[str, dict]) -> str:
         u = r["update_share"]
         out += ["", f"Classifier update (CU phase, {u['batches']} batches of {u['batch']} val images): L_cls "
                 f"{u['loss_cls']:.4f}; gradient norm of L_cls {u['grad_norm_cls']:.3g}, of λ_t L_t + λ_nt L_nt "
-                f"{u['grad_norm_adversarial']:.3g} (ratio {u['ratio']:.2f}, cosine {u['cosine']:+.2f}).", ""]
+                f"{u['grad_norm_adversarial']:.3g} (ratio {u['ratio']:.3f}, cosine {u['cosine']:+.2f})."]
+    pushed = {run: r["push"] for run, r in results.items() if r.get("push")}
+    for run, rows in pushed.items():
+        out += ["", f"`{run}`'s classifier fine-tuned against its own reconstructor, frozen, with the CU weights x k "
+                "(k = 0: L_cls alone, the control):", "", "| k | CAM mIoU | precision | recall | threshold |",
+                "|---|---|---|---|---|"]
+        for k, m in rows.items():
+            out.append(f"| {k[1:]} | {100 * m['cam_miou']:.1f} | {m['precision']:.3f} | {m['recall']:.3f} | "
+                       f"{m['threshold']:.2f} |")
+    paths = {run: r["trajectory"] for run, r in results.items() if r.get("trajectory")}
+    if paths:
+        out += ["", "Adversarial / L_cls gradient norm ratio (and L_cls) at the end of each epoch:", "",
+                "| epoch | " + " | ".join(f"`{run}`" for run in paths) + " |", "|---" * (len(paths) + 1) + "|"]
+        for k in range(max(len(v) for v in paths.values())):
+            out.append(f"| {k + 1} | " + " | ".join(
+                f"{v[k]['ratio']:.3f} ({v[k]['loss_cls']:.4f})" if k < len(v) else "-" for v in paths.values()) + " |")
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, nargs="*", default=None,
-                    help="ACR checkpoint folders (or state.pt) to score; default: train the seed-0 ablation runs")
-    ap.add_argument("--epochs", type=int, default=4, help="epochs of the runs it trains (the ablation budget)")
+                    help="ACR checkpoint folders (or state.pt) to score, printed only; default: train seed-0 runs")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs of the runs it trains (4: the ablation budget)")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which runs to train and score")
     ap.add_argument("--max-images", type=int, default=None, help="score the first N val images only")
+    ap.add_argument("--push", nargs="*", default=["adversarial_srf_ae_encoder"], choices=list(RUNS)[1:],
+                    help="ACR runs whose classifier is then fine-tuned against its frozen reconstructor (see push)")
+    ap.add_argument("--push-epochs", type=int, default=4)
+    ap.add_argument("--push-factors", type=float, nargs="+", default=[0, 1, 10, 30])
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    results = {}
+    results, trained = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
-            runs = {str(p): p for p in args.checkpoint}
-        else:
-            base = ["train.log_every_steps=0", "train.threads_per_worker=2", f"train.epochs={args.epochs}",
-                    "train.seed=0"]
-            base += [f"model.pretrained={pretrained_backbone(10, base[:3])}"]
-            runs = {name: train(name, ov, Path(tmp), base)[1] for name, ov in DEFAULT_RUNS.items()}
-        for name, ckpt in runs.items():
-            results[name] = score(Path(ckpt), args.max_images)
-            print(markdown({name: results[name]}), flush=True)
-    payload = {"runs": results, "minutes": (time.perf_counter() - t0) / 60, "commit": commit(),
-               "command": " ".join(["python", "benchmarks/cu_objective.py", *sys.argv[1:]]), "machine": machine()}
-    if not args.checkpoint:  # the reproducible default writes the results; scoring ad-hoc checkpoints only prints
-        out = REPO / "benchmarks" / "results" / "cu_objective.json"
-        out.write_text(json.dumps(payload, indent=1))
-        write_benchmarks_md("CU objective", f"Command: `{payload['command']}` (commit {payload['commit']}, "
-                            f"{payload['minutes']:.0f} min). {__doc__.split(chr(10) + chr(10))[2].strip()}\n\n"
-                            + markdown(results))
+            for ckpt in args.checkpoint:
+                results[str(ckpt)] = score(Path(ckpt), args.max_images)
+            print(markdown(results, {}), flush=True)
+            return
+        base = ["train.log_every_steps=0", "train.threads_per_worker=2", f"train.epochs={args.epochs}"]
+        base += ["train.seed=0", f"model.pretrained={pretrained_backbone(10, base)}"]
+        for name in args.runs:
+            final, ckpt = train(name, RUNS[name], Path(tmp), base)
+            trained[name] = {k: final[k] for k in RUN_KEYS if k in final}
+            if name != "baseline":
+                results[name] = {**score(Path(ckpt), args.max_images),
+                                 "trajectory": trajectory(Path(ckpt).parent, 32)}
+                print(markdown({name: results[name]}, trained), flush=True)
+                if name in args.push:
+                    results[name]["push"] = push(name, Path(ckpt), base, Path(tmp), args.push_epochs,
+                                                 [int(k) if float(k).is_integer() else k for k in args.push_factors])
+    payload = {"epochs": args.epochs, "trained": trained, "runs": results, "minutes": (time.perf_counter() - t0) / 60,
+               "commit": commit(), "command": " ".join(["python", "benchmarks/cu_objective.py", *sys.argv[1:]]),
+               "machine": machine()}
+    suffix = "" if args.epochs == 4 else f"_{args.epochs}_epochs"
+    (REPO / "benchmarks" / "results" / f"cu_objective{suffix}.json").write_text(json.dumps(payload, indent=1))
+    text = markdown(results, trained)
+    write_benchmarks_md(f"CU objective{suffix.replace('_', ' ')}",
+                        f"Command: `{payload['command']}` (commit {payload['commit']}, {payload['minutes']:.0f} min; "
+                        f"seed 0, {args.epochs} epochs per run, the ablations' data and backbone). "
+                        + "\n\n".join(__doc__.split("\n\n")[2:]).strip() + "\n\n" + text)
+    print(text, flush=True)
 
 
 if __name__ == "__main__":
