@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from acr.config import Config, config_from_dict
-from acr.models.factory import build_classifier
+from acr.models.factory import build_classifier, build_reconstructor
 
 STATE_FILE = "state.pt"
 
@@ -47,14 +47,29 @@ def load_state(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"cannot load {path} with torch.load(weights_only=True): {exc}") from exc
 
 
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config]:
-    """The trained classifier of a checkpoint folder (or state.pt), with the config it was trained with."""
+def load_networks(path: str | Path, device: torch.device | str = "cpu", reconstructor: bool = False
+                  ) -> tuple[torch.nn.Module, torch.nn.Module | None, Config]:
+    """The trained classifier of a checkpoint folder (or state.pt), in eval mode, with the config it was trained with;
+    with `reconstructor=True` also its reconstructor (an error, naming the file, where the run had none)."""
     state = load_state(path)
     cfg = config_from_dict(state["config"])
     cfg.model.pretrained = None  # the checkpoint has every weight
     model = build_classifier(cfg)
     model.load_state_dict(state["classifier"])
-    return model.to(device).eval(), cfg
+    rec = None
+    if reconstructor:
+        if state.get("reconstructor") is None:
+            raise CheckpointError(f"{path} holds no reconstructor (a baseline run?)")
+        rec = build_reconstructor(cfg)
+        rec.load_state_dict(state["reconstructor"])
+        rec = rec.to(device).eval()
+    return model.to(device).eval(), rec, cfg
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config]:
+    """The trained classifier of a checkpoint folder (or state.pt), with the config it was trained with."""
+    model, _, cfg = load_networks(path, device)
+    return model, cfg
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:

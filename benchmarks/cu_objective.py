@@ -39,13 +39,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from acr.checkpoint import load_state  # noqa: E402
-from acr.config import config_from_dict, load_config, num_classes  # noqa: E402
+from acr.checkpoint import load_networks  # noqa: E402
+from acr.config import load_config, num_classes  # noqa: E402
 from acr.data.sources import dataset_root  # noqa: E402
 from acr.data.transforms import to_chw_normalized  # noqa: E402
 from acr.data.voc import load_image, load_mask, read_voc_split  # noqa: E402
 from acr.method.acr import adversarial_losses, classification_loss, normalize_cam, target_cam  # noqa: E402
-from acr.models.factory import build_classifier, build_reconstructor  # noqa: E402
 from benchmarks.ablations import EXTRA, RUN_KEYS, pretrained_backbone, train  # noqa: E402
 from benchmarks.throughput import commit, machine, write_benchmarks_md  # noqa: E402
 
@@ -60,16 +59,23 @@ RUNS = {"baseline": ["method.reconstructor=none"], "adversarial_srf": [],
         "adversarial_srf_cu_x10": ["method.cu_target_weight=8", "method.cu_nontarget_weight=3"]}
 
 
-def load_networks(checkpoint: Path):
-    state = load_state(checkpoint)
-    cfg = config_from_dict(state["config"])
-    if state.get("reconstructor") is None:
-        raise ValueError(f"{checkpoint} holds no reconstructor: score an ACR run, not a baseline")
-    cfg.model.pretrained = None  # every weight is in the checkpoint
-    cls, rec = build_classifier(cfg), build_reconstructor(cfg)
-    cls.load_state_dict(state["classifier"])
-    rec.load_state_dict(state["reconstructor"])
-    return cls.eval().requires_grad_(False), rec.eval().requires_grad_(False), cfg
+def load_frozen(checkpoint: Path):
+    cls, rec, cfg = load_networks(checkpoint, reconstructor=True)
+    return cls.requires_grad_(False), rec.requires_grad_(False), cfg
+
+
+def load_image_tensor(record) -> torch.Tensor:
+    return torch.from_numpy(to_chw_normalized(load_image(record.image_path)))
+
+
+def adversarial_objective(losses: dict[str, torch.Tensor], mcfg) -> dict[str, torch.Tensor]:
+    """What the classifier maximises in Eq. 14 besides -L_cls: J_t = -λ_t L_t^CU, J_nt = -λ_nt L_nt^CU, J = their
+    sum (a term whose weight is 0 is absent from `losses` and counts 0)."""
+    zero = next(iter(losses.values())).new_zeros(()) if losses else torch.zeros(())
+    out = {"J_t": -mcfg.cu_target_weight * losses.get("t", zero),
+           "J_nt": -mcfg.cu_nontarget_weight * losses.get("nt", zero)}
+    out["J"] = out["J_t"] + out["J_nt"]
+    return out
 
 
 def candidates(cam_map: torch.Tensor, obj: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,23 +84,21 @@ def candidates(cam_map: torch.Tensor, obj: torch.Tensor) -> dict[str, torch.Tens
 
 
 def objective(rec, x, image, a, cam, target, mcfg) -> tuple[torch.Tensor, dict[str, float]]:
-    """J(A) = λ_t ℓ_t + λ_nt ℓ_nt, the part of -L^CU (Eq. 14) the classifier maximises, and its two terms."""
+    """J(A) (see `adversarial_objective`) and the unweighted reconstruction errors ℓ_t = -L_t^CU, ℓ_nt = -L_nt^CU."""
     losses = adversarial_losses(rec, x, image, a, cam, target, mcfg)
-    terms = {"t": -losses["t"] if "t" in losses else a.new_zeros(()),
-             "nt": -losses["nt"] if "nt" in losses else a.new_zeros(())}
-    j = mcfg.cu_target_weight * terms["t"] + mcfg.cu_nontarget_weight * terms["nt"]
-    return j, {k: float(v.detach()) for k, v in terms.items()}
+    return adversarial_objective(losses, mcfg)["J"], {k: -float(losses[k].detach()) if k in losses else 0.0
+                                                      for k in ("t", "nt")}
 
 
 def score(checkpoint: Path, max_images: int | None) -> dict:
-    cls, rec, cfg = load_networks(checkpoint)
+    cls, rec, cfg = load_frozen(checkpoint)
     mcfg, n_cls = cfg.method, num_classes(cfg)
     records = read_voc_split(dataset_root(cfg), cfg.eval.split, n_cls, require_masks=True)[:max_images]
     per = {c: {"j": [], "t": [], "nt": []} for c in CANDIDATES}
     grads = {r: [] for r in REGIONS}
     cosines = {(term, metric): [] for term in TERMS for metric in METRICS}
     for record in records:
-        image = torch.from_numpy(to_chw_normalized(load_image(record.image_path)))[None]
+        image = load_image_tensor(record)[None]
         gt = torch.from_numpy(load_mask(record.mask_path, n_cls).astype(np.int64))
         labels = torch.from_numpy(record.label_vector(n_cls))[None]
         with torch.no_grad():
@@ -160,7 +164,7 @@ def update_share(cls, rec, records, mcfg, n_cls: int, batch: int = 16, batches: 
         chunk = records[k * batch:(k + 1) * batch]
         if not chunk:
             break
-        image = torch.stack([torch.from_numpy(to_chw_normalized(load_image(r.image_path))) for r in chunk])
+        image = torch.stack([load_image_tensor(r) for r in chunk])
         labels = torch.stack([torch.from_numpy(r.label_vector(n_cls)) for r in chunk])
         target = torch.tensor([r.classes[0] for r in chunk])
         with torch.no_grad():
@@ -168,8 +172,7 @@ def update_share(cls, rec, records, mcfg, n_cls: int, batch: int = 16, batches: 
         cam, logits = cls(image)
         loss_cls = classification_loss(logits, labels)
         losses = adversarial_losses(rec, x, image, target_cam(normalize_cam(cam), labels, target), cam, target, mcfg)
-        loss_adv = sum(w * losses[n] for w, n in ((mcfg.cu_target_weight, "t"), (mcfg.cu_nontarget_weight, "nt"))
-                       if n in losses)
+        loss_adv = -adversarial_objective(losses, mcfg)["J"]
         g_cls = torch.cat([g.flatten() for g in torch.autograd.grad(loss_cls, params, retain_graph=True)])
         g_adv = torch.cat([g.flatten() for g in torch.autograd.grad(loss_adv, params)])
         rows.append((len(chunk), float(loss_cls), float(g_cls.norm()), float(g_adv.norm()),
@@ -190,9 +193,7 @@ def gradient_alignment(rec, x, image, cam, labels, target, obj, valid, mcfg) -> 
     a = F.interpolate(target_cam(normalize_cam(z), labels, target), size=image.shape[-2:], mode="bilinear",
                       align_corners=False)
     losses = adversarial_losses(rec, x, image, a, z.detach(), target, mcfg)
-    zero = a.sum() * 0
-    terms = {"J_t": -mcfg.cu_target_weight * losses.get("t", zero), "J_nt": -mcfg.cu_nontarget_weight * losses.get("nt", zero)}
-    terms["J"] = terms["J_t"] + terms["J_nt"]
+    terms = adversarial_objective(losses, mcfg)
     v = valid.float()[None, None]
     inter, area, size = (a * obj * v).sum(), (a * v).sum(), (obj * v).sum()
     metrics = {"precision": inter / area.clamp_min(1e-6), "recall": inter / size.clamp_min(1e-6),
@@ -241,7 +242,7 @@ def trajectory(run_folder: Path, max_images: int | None) -> list[dict]:
     """The update share (see `update_share`) at every epoch's checkpoint of a run folder."""
     out = []
     for k, ckpt in enumerate(sorted(run_folder.glob("checkpoint_*")), start=1):
-        cls, rec, cfg = load_networks(ckpt)
+        cls, rec, cfg = load_frozen(ckpt)
         records = read_voc_split(dataset_root(cfg), cfg.eval.split, num_classes(cfg), require_masks=True)[:max_images]
         out.append({"checkpoint": k, **update_share(cls, rec, records, cfg.method, num_classes(cfg))})
     return out
