@@ -43,7 +43,8 @@ def memory_layout(cfg: Config) -> torch.memory_format:
 def _guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, reduce_mean, counters: StepCounters,
                   limit: int) -> tuple[float, bool]:
     loss.backward()
-    value = reduce_mean(loss.detach().float())
+    # in the loss's own precision (fp64 stays fp64; bf16 is promoted), so the reported total is the one minimised
+    value = reduce_mean(loss.detach().to(torch.promote_types(loss.dtype, torch.float32)))
     ok = bool(torch.isfinite(value))
     if ok:
         optimizer.step()
