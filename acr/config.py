@@ -16,9 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from acr.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names it."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -297,6 +296,10 @@ class PseudoConfig:
     irn_lr: float = 0.1
     irn_weight_decay: float = 1e-4
     irn_width: int = 32
+    # IRN's own Ray Train scaling: workers (null: scaling.num_workers); a checkpoint every this many steps besides
+    # the one after every epoch (null: per epoch only), what a lost worker or driver costs at most.
+    irn_num_workers: int | None = None
+    irn_checkpoint_every_steps: int | None = None
     beta: float = 10.0  # IRN make_sem_seg_labels
     exp_times: int = 8  # 2**exp_times random-walk steps
     walk_radius: int = 5
@@ -345,6 +348,10 @@ class SegmentConfig:
     eval_scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
     eval_flip: bool = True
     crf: str = "deeplab"  # acr.refine.crf.CRF_PRESETS
+    # DeepLab's own Ray Train scaling: workers (null: scaling.num_workers; segment.batch_size must divide among
+    # them); a checkpoint every this many steps besides the one after every epoch (null: per epoch only).
+    num_workers: int | None = None
+    checkpoint_every_steps: int | None = None
     actors: int = 2  # prediction actor pool size
     actor_cpus: float = 1.0  # per prediction actor and per training-crop task
     overlays: int = 6
@@ -468,10 +475,12 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a validated Config from `to_dict` output (e.g. inside a Ray worker)."""
+def config_from_dict(data: dict, job: str | None = None) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. inside a Ray worker): keys and types are checked; with `job`
+    also that job's rules (a worker's config was validated by its job's driver)."""
     cfg = _build(Config, data)
-    validate(cfg)
+    if job is not None:
+        validate(cfg, job)
     return cfg
 
 
@@ -538,8 +547,8 @@ def _read_yaml(path: Path, reference: dict, seen: tuple = ()) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file (and the files it names as `base`) <- `key=value` overrides, validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, job: str = "train") -> Config:
+    """Defaults <- YAML file (and the files it names as `base`) <- `key=value` overrides, validated for `job`."""
     tree = to_dict(Config())
     if path is not None:
         _merge(tree, _read_yaml(Path(path), tree))
@@ -547,7 +556,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _check_keys({key: value}, tree, "", "command line", dotted=True)
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree)
-    validate(cfg)
+    validate(cfg, job)
     return cfg
 
 
@@ -573,110 +582,201 @@ def _merge(base: dict, new: dict) -> None:
             base[k] = v
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks that the types alone cannot express."""
+# --------------------------------------------------------------------------------------------------------------------
+# Validation per job: each job checks the sections it uses (plus the shared scaling / ray / numerics rules), so that
+# a setting of one job never stops another. A rule set is a function that calls `need(condition, message)`.
 
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
 
-    need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
-    need(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
-    need(cfg.scaling.num_workers >= 1, f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
-    need(
-        cfg.train.batch_size % cfg.scaling.num_workers == 0,
-        f"train.batch_size={cfg.train.batch_size} (the global batch) must divide evenly among "
-        f"scaling.num_workers={cfg.scaling.num_workers}",
-    )
-    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
-    tr = cfg.train
-    need(tr.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {tr.keep_checkpoints}")
-    need(tr.checkpoint_every_steps is None or tr.checkpoint_every_steps >= 1,
-         f"train.checkpoint_every_steps must be >= 1 or null, got {tr.checkpoint_every_steps}")
-    need(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1,
-         f"train.max_steps_per_epoch must be >= 1 or null, got {tr.max_steps_per_epoch}")
-    need(tr.log_every_steps >= 0, f"train.log_every_steps must be >= 0, got {tr.log_every_steps}")
-    need(tr.max_consecutive_nonfinite >= 0,
-         f"train.max_consecutive_nonfinite must be >= 0 (0 = stop at the first), got {tr.max_consecutive_nonfinite}")
-    need(cfg.scaling.max_failures >= -1, f"scaling.max_failures must be >= 0, or -1 (unlimited), got "
-         f"{cfg.scaling.max_failures}")
-    need(cfg.optim.reconstructor_lr is None or cfg.optim.reconstructor_lr > 0,
-         f"optim.reconstructor_lr must be > 0 (or null), got {cfg.optim.reconstructor_lr}")
-    need(len(cfg.optim.adam_betas) == 2 and all(0 <= b < 1 for b in cfg.optim.adam_betas),
-         f"optim.adam_betas must be two values in [0, 1), got {cfg.optim.adam_betas}")
-    need(cfg.method.adversarial_warmup_steps >= 0,
-         f"method.adversarial_warmup_steps must be >= 0, got {cfg.method.adversarial_warmup_steps}")
-    need(len(cfg.augment.resize_range) == 2 and 0 < cfg.augment.resize_range[0] <= cfg.augment.resize_range[1],
-         f"augment.resize_range must be [low, high] with 0 < low <= high, got {cfg.augment.resize_range}")
-    need(2 <= cfg.model.decoder_depth <= 12, f"model.decoder_depth must be in 2..12, got {cfg.model.decoder_depth}")
-    side = 2 ** cfg.model.decoder_depth
-    if cfg.method.reconstructor != "none":
-        need(cfg.augment.crop_size % side == 0,
-             f"augment.crop_size={cfg.augment.crop_size} must be a multiple of 2**model.decoder_depth={side} "
-             "(the U-Net halves the side decoder_depth times)")
-    need(cfg.augment.crop_size >= 1, f"augment.crop_size must be >= 1, got {cfg.augment.crop_size}")
-    need(len(cfg.model.encoder_taps) == len(cfg.model.encoder_tap_channels) and cfg.model.encoder_taps,
-         "model.encoder_taps and model.encoder_tap_channels must be non-empty lists of the same length")
-    srf = cfg.method.srf
-    need(srf.grid_size >= 1 and cfg.augment.crop_size % srf.grid_size == 0,
-         f"method.srf.grid_size={srf.grid_size} must divide augment.crop_size={cfg.augment.crop_size}")
-    need(0.0 <= srf.q_start <= 1.0, f"method.srf.q_start must be in [0, 1], got {srf.q_start}")
-    need(cfg.method.reconstructor != "pretrained" or cfg.method.pretrained_reconstructor,
-         "method.reconstructor=pretrained needs method.pretrained_reconstructor (a checkpoint path)")
-    need(cfg.method.train_classifier or cfg.method.reconstructor == "adversarial",
-         "method.train_classifier=false trains only the reconstructor: it needs method.reconstructor=adversarial")
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _scaling_rules(cfg: Config) -> None:
+    s = cfg.scaling
+    _need(s.num_workers >= 1, f"scaling.num_workers must be >= 1, got {s.num_workers}")
+    _need(s.cpus_per_worker > 0, f"scaling.cpus_per_worker must be > 0, got {s.cpus_per_worker}")
+    _need(s.max_failures >= -1, f"scaling.max_failures must be >= 0, or -1 (unlimited), got {s.max_failures}")
+    _need(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, f"ray.num_cpus must be >= 1 or null, got {cfg.ray.num_cpus}")
+    _need(cfg.train.max_consecutive_nonfinite >= 0, "train.max_consecutive_nonfinite must be >= 0 (0 = stop at the "
+          f"first), got {cfg.train.max_consecutive_nonfinite}")
+
+
+def _data_rules(cfg: Config) -> None:
+    d = cfg.data
+    if d.format == "synthetic":
+        _need(cfg.synthetic.num_classes >= 2, "synthetic.num_classes must be >= 2")
+        _need(all(0 <= c < cfg.synthetic.num_classes for c in cfg.synthetic.context_classes),
+              f"synthetic.context_classes {cfg.synthetic.context_classes} must be class indices "
+              f"< synthetic.num_classes={cfg.synthetic.num_classes}")
+    elif d.shards is None:
+        _need(d.root is not None, f"data.format={d.format} needs data.root (or data.shards)")
+    _need(d.shard_rows >= 1, f"data.shard_rows must be >= 1, got {d.shard_rows}")
+    _need(d.decode_actors >= 1, f"data.decode_actors must be >= 1, got {d.decode_actors}")
+    _need(d.decode_cpus > 0, f"data.decode_cpus must be > 0, got {d.decode_cpus}")
+    _need(d.prefetch_batches >= 0, f"data.prefetch_batches must be >= 0, got {d.prefetch_batches}")
+    _need(d.labels != "file" or d.labels_file, "data.labels=file needs data.labels_file")
+
+
+def _network_rules(cfg: Config) -> None:
+    """model, augment and method: what the two networks and the step can be built with."""
+    m, a, srf = cfg.model, cfg.augment, cfg.method.srf
+    _need(2 <= m.decoder_depth <= 12, f"model.decoder_depth must be in 2..12, got {m.decoder_depth}")
+    _need(len(m.encoder_taps) == len(m.encoder_tap_channels) and m.encoder_taps,
+          "model.encoder_taps and model.encoder_tap_channels must be non-empty lists of the same length")
+    _need(m.backbone != "resnet38d" or m.output_stride == 8,
+          f"model.backbone=resnet38d has output stride 8 only, got model.output_stride={m.output_stride}")
+    _need(a.crop_size >= 1, f"augment.crop_size must be >= 1, got {a.crop_size}")
+    _need(len(a.resize_range) == 2 and 0 < a.resize_range[0] <= a.resize_range[1],
+          f"augment.resize_range must be [low, high] with 0 < low <= high, got {a.resize_range}")
+    side = 2 ** m.decoder_depth
+    _need(cfg.method.reconstructor == "none" or a.crop_size % side == 0,
+          f"augment.crop_size={a.crop_size} must be a multiple of 2**model.decoder_depth={side} (the U-Net halves the "
+          "side decoder_depth times)")
+    _need(srf.grid_size >= 1 and a.crop_size % srf.grid_size == 0,
+          f"method.srf.grid_size={srf.grid_size} must divide augment.crop_size={a.crop_size}")
+    _need(0.0 <= srf.q_start <= 1.0, f"method.srf.q_start must be in [0, 1], got {srf.q_start}")
+    _need(cfg.method.adversarial_warmup_steps >= 0,
+          f"method.adversarial_warmup_steps must be >= 0, got {cfg.method.adversarial_warmup_steps}")
+    _need(cfg.method.reconstructor != "pretrained" or cfg.method.pretrained_reconstructor,
+          "method.reconstructor=pretrained needs method.pretrained_reconstructor (a checkpoint path)")
+    _need(cfg.method.train_classifier or cfg.method.reconstructor == "adversarial",
+          "method.train_classifier=false trains only the reconstructor: it needs method.reconstructor=adversarial")
+
+
+def _train_rules(cfg: Config) -> None:
+    """train and optim: the ACR training loop."""
+    tr, o = cfg.train, cfg.optim
+    _need(tr.epochs >= 1, f"train.epochs must be >= 1, got {tr.epochs}")
+    _need(tr.batch_size >= 1, f"train.batch_size must be >= 1, got {tr.batch_size}")
+    _need(tr.batch_size % cfg.scaling.num_workers == 0, f"train.batch_size={tr.batch_size} (the global batch) must "
+          f"divide evenly among scaling.num_workers={cfg.scaling.num_workers}")
+    _need(tr.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {tr.keep_checkpoints}")
+    _need(tr.checkpoint_every_steps is None or tr.checkpoint_every_steps >= 1,
+          f"train.checkpoint_every_steps must be >= 1 or null, got {tr.checkpoint_every_steps}")
+    _need(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1,
+          f"train.max_steps_per_epoch must be >= 1 or null, got {tr.max_steps_per_epoch}")
+    _need(tr.log_every_steps >= 0, f"train.log_every_steps must be >= 0, got {tr.log_every_steps}")
+    _need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _need(o.reconstructor_lr is None or o.reconstructor_lr > 0,
+          f"optim.reconstructor_lr must be > 0 (or null), got {o.reconstructor_lr}")
+    _need(len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas),
+          f"optim.adam_betas must be two values in [0, 1), got {o.adam_betas}")
+
+
+def _eval_rules(cfg: Config) -> None:
     t = cfg.eval.thresholds
-    need(len(t) == 3 and t[2] > 0 and t[0] <= t[1] and (t[1] - t[0]) / t[2] <= 10_000,
-         f"eval.thresholds must be [start, stop, step] with step > 0 and at most 10000 steps, got {t}")
-    need(cfg.eval.scales and all(s > 0 for s in cfg.eval.scales), f"eval.scales must be positive, got {cfg.eval.scales}")
-    if cfg.data.format == "synthetic":
-        need(cfg.synthetic.num_classes >= 2, "synthetic.num_classes must be >= 2")
-        need(all(0 <= c < cfg.synthetic.num_classes for c in cfg.synthetic.context_classes),
-             f"synthetic.context_classes {cfg.synthetic.context_classes} must be class indices "
-             f"< synthetic.num_classes={cfg.synthetic.num_classes}")
-    elif cfg.data.shards is None:
-        need(cfg.data.root is not None, f"data.format={cfg.data.format} needs data.root (or data.shards)")
-    need(cfg.data.shard_rows >= 1, f"data.shard_rows must be >= 1, got {cfg.data.shard_rows}")
-    need(cfg.tune.max_concurrent is None or cfg.tune.max_concurrent >= 1,
-         f"tune.max_concurrent must be >= 1 or null, got {cfg.tune.max_concurrent}")
-    need(cfg.tune.num_samples >= 1, f"tune.num_samples must be >= 1, got {cfg.tune.num_samples}")
-    need(cfg.tune.trial_cpus > 0, f"tune.trial_cpus must be > 0 (Ray Tune rejects 0), got {cfg.tune.trial_cpus}")
-    need(cfg.data.decode_actors >= 1, f"data.decode_actors must be >= 1, got {cfg.data.decode_actors}")
-    need(cfg.data.decode_cpus > 0, f"data.decode_cpus must be > 0, got {cfg.data.decode_cpus}")
-    need(cfg.data.prefetch_batches >= 0, f"data.prefetch_batches must be >= 0, got {cfg.data.prefetch_batches}")
-    need(cfg.data.labels != "file" or cfg.data.labels_file, "data.labels=file needs data.labels_file")
+    _need(len(t) == 3 and t[2] > 0 and t[0] <= t[1] and (t[1] - t[0]) / t[2] <= 10_000,
+          f"eval.thresholds must be [start, stop, step] with step > 0 and at most 10000 steps, got {t}")
+    _need(cfg.eval.scales and all(s > 0 for s in cfg.eval.scales), f"eval.scales must be positive, got {cfg.eval.scales}")
+
+
+def _tune_rules(cfg: Config) -> None:
+    t = cfg.tune
+    _need(t.max_concurrent is None or t.max_concurrent >= 1, f"tune.max_concurrent must be >= 1 or null, got "
+          f"{t.max_concurrent}")
+    _need(t.num_samples >= 1, f"tune.num_samples must be >= 1, got {t.num_samples}")
+    _need(t.trial_cpus > 0, f"tune.trial_cpus must be > 0 (Ray Tune rejects 0), got {t.trial_cpus}")
+    _need(t.select_split != cfg.eval.split, f"tune.select_split and eval.split are both '{cfg.eval.split}': the split "
+          "that selects the trial must differ from the split whose numbers are reported")
+
+
+def _pseudo_rules(cfg: Config) -> None:
     ps = cfg.pseudo
-    need(0 < ps.conf_bg_threshold <= ps.conf_fg_threshold < 1,
-         f"pseudo.conf_bg_threshold ({ps.conf_bg_threshold}) must be in (0, pseudo.conf_fg_threshold "
-         f"({ps.conf_fg_threshold})] and both below 1")
-    need(ps.seed_threshold is None or 0 < ps.seed_threshold < 1,
-         f"pseudo.seed_threshold must be in (0, 1), got {ps.seed_threshold}")
-    need(ps.scales and all(s > 0 for s in ps.scales), f"pseudo.scales must be positive, got {ps.scales}")
-    need(ps.irn_radius >= 2 and ps.walk_radius >= 2, "pseudo.irn_radius and pseudo.walk_radius must be >= 2")
-    need(ps.irn_crop_size >= 16 and ps.irn_crop_size % 4 == 0,
-         f"pseudo.irn_crop_size must be a multiple of 4 (the boundary map's stride), got {ps.irn_crop_size}")
-    need(ps.irn_batch_size >= 1 and ps.irn_epochs >= 1 and ps.actors >= 1 and ps.actor_cpus > 0,
-         "pseudo.irn_batch_size, pseudo.irn_epochs and pseudo.actors must be >= 1, pseudo.actor_cpus > 0")
-    need(ps.beta > 0 and ps.exp_times >= 0 and ps.cam_power > 0, "pseudo.beta and pseudo.cam_power must be > 0, "
-         "pseudo.exp_times >= 0")
+    _need(0 < ps.conf_bg_threshold <= ps.conf_fg_threshold < 1,
+          f"pseudo.conf_bg_threshold ({ps.conf_bg_threshold}) must be in (0, pseudo.conf_fg_threshold "
+          f"({ps.conf_fg_threshold})] and both below 1")
+    _need(ps.seed_threshold is None or 0 < ps.seed_threshold < 1,
+          f"pseudo.seed_threshold must be in (0, 1), got {ps.seed_threshold}")
+    _need(ps.scales and all(s > 0 for s in ps.scales), f"pseudo.scales must be positive, got {ps.scales}")
+    _need(ps.irn_radius >= 2 and ps.walk_radius >= 2, "pseudo.irn_radius and pseudo.walk_radius must be >= 2")
+    _need(ps.irn_crop_size >= 16 and ps.irn_crop_size % 4 == 0,
+          f"pseudo.irn_crop_size must be a multiple of 4 (the boundary map's stride), got {ps.irn_crop_size}")
+    _need(ps.irn_batch_size >= 1 and ps.irn_epochs >= 1 and ps.actors >= 1 and ps.actor_cpus > 0,
+          "pseudo.irn_batch_size, pseudo.irn_epochs and pseudo.actors must be >= 1, pseudo.actor_cpus > 0")
+    _need(ps.beta > 0 and ps.exp_times >= 0 and ps.cam_power > 0, "pseudo.beta and pseudo.cam_power must be > 0, "
+          "pseudo.exp_times >= 0")
+    workers = stage_workers(cfg, "irn")
+    _need(workers >= 1, f"pseudo.irn_num_workers must be >= 1 or null, got {ps.irn_num_workers}")
+    _need(ps.irn_batch_size % workers == 0, f"pseudo.irn_batch_size={ps.irn_batch_size} must divide evenly among "
+          f"{workers} IRN workers ({_workers_key(cfg, 'irn')})")
+    _need(ps.irn_checkpoint_every_steps is None or ps.irn_checkpoint_every_steps >= 1,
+          f"pseudo.irn_checkpoint_every_steps must be >= 1 or null, got {ps.irn_checkpoint_every_steps}")
+
+
+def _segment_rules(cfg: Config) -> None:
     sg = cfg.segment
-    need(sg.epochs >= 1 and sg.batch_size >= 1, f"segment.epochs and segment.batch_size must be >= 1, got "
-         f"{sg.epochs} and {sg.batch_size}")
-    need(sg.batch_size % cfg.scaling.num_workers == 0, f"segment.batch_size={sg.batch_size} must divide evenly among "
-         f"scaling.num_workers={cfg.scaling.num_workers}")
-    need(sg.head != "aspp_v3" or sg.batch_size // cfg.scaling.num_workers >= 2,
-         "segment.head=aspp_v3 trains BatchNorm after global pooling: it needs at least 2 images per worker "
-         f"(segment.batch_size={sg.batch_size}, scaling.num_workers={cfg.scaling.num_workers})")
-    need(sg.lr > 0 and sg.head_lr_multiplier > 0, "segment.lr and segment.head_lr_multiplier must be > 0")
-    need(sg.crop_size >= 16, f"segment.crop_size must be >= 16, got {sg.crop_size}")
-    need(len(sg.scale_range) == 2 and 0 < sg.scale_range[0] <= sg.scale_range[1],
-         f"segment.scale_range must be [low, high] with 0 < low <= high, got {sg.scale_range}")
-    need(sg.eval_scales and all(s > 0 for s in sg.eval_scales), f"segment.eval_scales must be positive, got "
-         f"{sg.eval_scales}")
-    need(sg.actors >= 1 and sg.actor_cpus > 0, "segment.actors must be >= 1 and segment.actor_cpus > 0")
-    need(sg.backbone != "resnet38d" or sg.output_stride == 8,
-         f"segment.backbone=resnet38d has output stride 8 only, got segment.output_stride={sg.output_stride}")
-    need(not (sg.pretrained and sg.init_backbone), "segment.pretrained and segment.init_backbone both set: choose one")
+    workers = stage_workers(cfg, "segment")
+    _need(sg.epochs >= 1 and sg.batch_size >= 1, f"segment.epochs and segment.batch_size must be >= 1, got "
+          f"{sg.epochs} and {sg.batch_size}")
+    _need(workers >= 1, f"segment.num_workers must be >= 1 or null, got {sg.num_workers}")
+    _need(sg.batch_size % workers == 0, f"segment.batch_size={sg.batch_size} must divide evenly among {workers} "
+          f"DeepLab workers ({_workers_key(cfg, 'segment')}; set segment.num_workers to give DeepLab its own)")
+    _need(sg.head != "aspp_v3" or sg.batch_size // workers >= 2,
+          "segment.head=aspp_v3 trains BatchNorm after global pooling: it needs at least 2 images per worker "
+          f"(segment.batch_size={sg.batch_size}, {workers} workers)")
+    _need(sg.lr > 0 and sg.head_lr_multiplier > 0, "segment.lr and segment.head_lr_multiplier must be > 0")
+    _need(sg.crop_size >= 16, f"segment.crop_size must be >= 16, got {sg.crop_size}")
+    _need(len(sg.scale_range) == 2 and 0 < sg.scale_range[0] <= sg.scale_range[1],
+          f"segment.scale_range must be [low, high] with 0 < low <= high, got {sg.scale_range}")
+    _need(sg.eval_scales and all(s > 0 for s in sg.eval_scales), f"segment.eval_scales must be positive, got "
+          f"{sg.eval_scales}")
+    _need(sg.actors >= 1 and sg.actor_cpus > 0, "segment.actors must be >= 1 and segment.actor_cpus > 0")
+    _need(sg.backbone != "resnet38d" or sg.output_stride == 8,
+          f"segment.backbone=resnet38d has output stride 8 only, got segment.output_stride={sg.output_stride}")
+    _need(not (sg.pretrained and sg.init_backbone), "segment.pretrained and segment.init_backbone both set: choose one")
+    _need(sg.checkpoint_every_steps is None or sg.checkpoint_every_steps >= 1,
+          f"segment.checkpoint_every_steps must be >= 1 or null, got {sg.checkpoint_every_steps}")
+
+
+def stage_workers(cfg: Config, stage: str) -> int:
+    """Ray Train workers of a stage: `train` (ACR: scaling.num_workers), `irn` (pseudo.irn_num_workers) or
+    `segment` (segment.num_workers); a stage's own null falls back to scaling.num_workers."""
+    own = {"train": None, "irn": cfg.pseudo.irn_num_workers, "segment": cfg.segment.num_workers}[stage]
+    return cfg.scaling.num_workers if own is None else own
+
+
+def _workers_key(cfg: Config, stage: str) -> str:
+    key = {"irn": "pseudo.irn_num_workers", "segment": "segment.num_workers"}[stage]
+    own = cfg.pseudo.irn_num_workers if stage == "irn" else cfg.segment.num_workers
+    return f"{key}={own}" if own is not None else f"{key}=null: scaling.num_workers={cfg.scaling.num_workers}"
+
+
+# What each job checks: the sections it reads (every job also checks scaling, ray and the non-finite-loss limit).
+JOBS: dict[str, tuple] = {
+    "prepare_data": (_data_rules,),
+    "train": (_data_rules, _network_rules, _train_rules, _eval_rules),
+    "tune": (_data_rules, _network_rules, _train_rules, _eval_rules, _tune_rules),
+    "pseudo_labels": (_data_rules, _eval_rules, _pseudo_rules),
+    "segment": (_data_rules, _segment_rules),
+}
+
+
+def _pipeline_stages(cfg: Config) -> list[str]:
+    """The jobs the pipeline runs as its stages (each is checked with that job's rules)."""
+    pl = cfg.pipeline
+    stages = [] if pl.checkpoint else ["tune" if pl.search else "train"]
+    return stages + ([] if pl.labels else ["pseudo_labels"]) + ["segment"]
+
+
+def validate(cfg: Config, job: str = "train") -> None:
+    """Cross-field checks of what `job` uses (a key of JOBS, or `pipeline`: each of its stages by its own rules);
+    the error names the job (or the pipeline's stage) and the key."""
+    if job == "pipeline":
+        for stage in _pipeline_stages(cfg):
+            try:
+                validate(cfg, stage)
+            except ConfigError as exc:
+                raise ConfigError(f"the pipeline's {stage} stage: {exc}") from None
+        return
+    if job not in JOBS:
+        raise ConfigError(f"unknown job '{job}' (known: {', '.join([*JOBS, 'pipeline'])})")
+    try:
+        _scaling_rules(cfg)
+        for rules in JOBS[job]:
+            rules(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (refused by the {job} job)") from None
 
 
 def num_classes(cfg: Config) -> int:
@@ -684,15 +784,16 @@ def num_classes(cfg: Config) -> int:
     return cfg.synthetic.num_classes if cfg.data.format == "synthetic" else cfg.data.num_classes
 
 
-def apply_overrides(cfg: Config, values: dict[str, Any], source: str = "overrides") -> Config:
-    """A new validated Config with dotted `key: value` pairs set (e.g. a Tune trial's sampled values)."""
+def apply_overrides(cfg: Config, values: dict[str, Any], source: str = "overrides", job: str | None = None) -> Config:
+    """A new Config with dotted `key: value` pairs set (e.g. a Tune trial's sampled values): keys and types checked,
+    and with `job` that job's rules."""
     tree = to_dict(cfg)
     for key, value in values.items():
         if not isinstance(key, str):
             raise ConfigError(f"config key {key!r} (from {source}) is not a string")
         _check_keys({key: value}, tree, "", source, dotted=True)
         _set_dotted(tree, key, value)
-    return config_from_dict(tree)
+    return config_from_dict(tree, job)
 
 
 def dump_yaml(cfg: Config) -> str:

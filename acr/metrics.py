@@ -63,3 +63,34 @@ def scores(conf: np.ndarray) -> dict:
 def thresholds_from(spec) -> np.ndarray:
     start, stop, step = spec
     return np.round(np.arange(start, stop + step / 2, step), 6)
+
+
+class Confusions:
+    """The one confusion-matrix accumulator: dataset-level matrices of named levels ("seed", "mask", a threshold
+    sweep of shape (T, L, L), ...), summed image by image, and over workers with :meth:`reduce`."""
+
+    def __init__(self, num_labels: int, names: tuple[str, ...] = ()):
+        self.num_labels = num_labels
+        self.matrices: dict[str, np.ndarray] = {name: np.zeros((num_labels, num_labels), np.int64) for name in names}
+
+    def add(self, name: str, pred: np.ndarray, gt: np.ndarray) -> None:
+        self.add_matrix(name, confusion_matrix(pred, gt, self.num_labels))
+
+    def add_matrix(self, name: str, matrix: np.ndarray) -> None:
+        if name in self.matrices:
+            self.matrices[name] = self.matrices[name] + matrix
+        else:
+            self.matrices[name] = np.array(matrix, np.int64)
+
+    def reduce(self, reduce_sum) -> "Confusions":
+        """Sum over workers with `reduce_sum(array) -> array` (every worker must hold the same names)."""
+        for name in sorted(self.matrices):
+            self.matrices[name] = reduce_sum(self.matrices[name])
+        return self
+
+    def scores(self, name: str) -> dict:
+        return scores(self.matrices[name])
+
+    def sweep(self, name: str) -> list[dict]:
+        """Scores at every threshold of a (T, L, L) sweep."""
+        return [scores(m) for m in self.matrices[name]]

@@ -1,9 +1,9 @@
 """The paper's whole pipeline in one process and one Ray (ray_jobs/pipeline.py), each stage in its own folder:
 
     [1] 1_cams/           the classifier: a Ray Tune search (pipeline.search, acr.tuning) or one training run
-                          (acr.distributed.trainer); or pipeline.checkpoint, a given one
-    [2] 2_pseudo_labels/  CAMs -> CRF -> IRN -> masks (acr.distributed.batch); or pipeline.labels, given label maps
-    [3] 3_deeplab/        DeepLab trained on the pseudo-labels, evaluated on segment.val_split (acr.distributed.segment)
+                          (acr.train); or pipeline.checkpoint, a given one
+    [2] 2_pseudo_labels/  CAMs -> CRF -> IRN -> masks (acr.pseudo); or pipeline.labels, given label maps
+    [3] 3_deeplab/        DeepLab trained on the pseudo-labels, evaluated on segment.val_split (acr.segment)
     [4] 4_deeplab_gt/     the same DeepLab on the ground-truth masks: the fully supervised upper bound
                           (pipeline.upper_bound; where every training image has a mask)
     [5] report.md, report.json, report.png: every stage's numbers beside the paper's
@@ -15,11 +15,22 @@ run again in its folder and continues from its own files (checkpoints, per-image
 from __future__ import annotations
 
 import json
-import math
+import logging
 import time
 from pathlib import Path
 
-from acr.config import Config, ConfigError, apply_overrides, dump_yaml, num_classes, to_dict
+from acr.checkpoint import resolve_checkpoint
+from acr.config import Config, ConfigError, apply_overrides, dump_yaml, num_classes, to_dict, validate
+from acr.data.sources import ensure_shards
+from acr.pseudo.job import job_config, run_pseudo_labels
+from acr.runtime.cluster import init_ray, job_cpus
+from acr.segment.job import resolve_labels, run_segment
+from acr.segment.train import GT
+from acr.train.driver import run_training
+from acr.tuning import run_tune
+from acr.viz import save_report_plot
+
+log = logging.getLogger(__name__)
 
 FOLDERS = {"cams": "1_cams", "pseudo_labels": "2_pseudo_labels", "deeplab": "3_deeplab", "deeplab_gt": "4_deeplab_gt"}
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
@@ -40,18 +51,6 @@ def finished(folder: Path) -> dict | None:
         return None
 
 
-def pipeline_num_cpus(cfg: Config) -> int:
-    """Logical CPUs of a local Ray that every stage fits in (each stage's own rule, the largest)."""
-    from acr.distributed.segment import segment_num_cpus
-    from acr.distributed.trainer import local_num_cpus
-
-    ps = cfg.pseudo
-    need = [local_num_cpus(cfg), segment_num_cpus(cfg), int(math.ceil(ps.actors * ps.actor_cpus)) + 1]
-    if cfg.pipeline.search:
-        need.append(local_num_cpus(cfg, trials=cfg.tune.max_concurrent or 1))
-    return max(need)
-
-
 class Stages:
     """Runs the stages in order, records what each did (ran / kept / given) and how long it took."""
 
@@ -65,10 +64,10 @@ class Stages:
         folder = self.out / FOLDERS[name]
         summary = finished(folder)
         if summary is not None:
-            print(f"[{name}] {title}: finished in an earlier run, kept ({folder})", flush=True)
+            log.info("[%s] %s: finished in an earlier run, kept (%s)", name, title, folder)
             self.record[name] = {"status": "kept", "folder": str(folder), "seconds": self.seconds.get(name)}
             return summary
-        print(f"[{name}] {title} -> {folder}", flush=True)
+        log.info("[%s] %s -> %s", name, title, folder)
         t0 = time.perf_counter()
         summary = fn(folder)
         self.seconds[name] = round(time.perf_counter() - t0, 1)
@@ -86,11 +85,9 @@ def needs_classifier(cfg: Config) -> bool:
 
 def _cams(cfg: Config, stages: Stages, space: Path) -> tuple[str | None, dict]:
     """[1] The checkpoint of the classifier, and its CAM score."""
-    from acr.distributed.batch import resolve_checkpoint
-
     pl = cfg.pipeline
     if pl.checkpoint:
-        ckpt = str(resolve_checkpoint(pl.checkpoint))
+        ckpt = resolve_checkpoint(pl.checkpoint, "pipeline.checkpoint")
         stages.record["cams"] = {"status": "given", "checkpoint": ckpt}
         return ckpt, {}
     if not needs_classifier(cfg):
@@ -98,26 +95,19 @@ def _cams(cfg: Config, stages: Stages, space: Path) -> tuple[str | None, dict]:
                                  "from the classifier"}
         return None, {}
     if pl.search:
-        from acr.tuning import run_tune
-
         summary = stages.run("cams", "CAMs: Ray Tune search", lambda d: run_tune(cfg, space, d))
         score = {"cam_miou": summary.get("best_cam_miou_reported"), "cam_split": summary.get("report_split"),
                  "best_trial": summary.get("best_trial"), "best_config": summary.get("best_config")}
     else:
-        from acr.distributed.trainer import run_training
-
         summary = stages.run("cams", "CAMs: one training run", lambda d: run_training(cfg, d))
         score = {"cam_miou": summary.get("cam_miou"), "cam_split": summary.get("split")}
-    ckpt = str(resolve_checkpoint(stages.out / FOLDERS["cams"]))
+    ckpt = resolve_checkpoint(stages.out / FOLDERS["cams"])
     stages.record["cams"].update({"checkpoint": ckpt, **score})
     return ckpt, score
 
 
 def _pseudo_labels(cfg: Config, stages: Stages, ckpt: str | None) -> tuple[str, dict]:
     """[2] The folder of pseudo-label maps, and the job's summary (its split and Table 3 levels)."""
-    from acr.distributed.batch import job_config, run_pseudo_labels
-    from acr.distributed.segment import resolve_labels
-
     pl = cfg.pipeline
     if pl.labels:
         labels = resolve_labels(pl.labels)
@@ -149,8 +139,6 @@ def _segment_config(cfg: Config, labels: str, pseudo_summary: dict, ckpt: str | 
 
 def _gt_masks_missing(cfg: Config) -> str | None:
     """Why the upper bound cannot be trained (images of segment.split without a ground-truth mask), or None."""
-    from acr.data.sources import ensure_shards
-
     uri, manifest = ensure_shards(apply_overrides(cfg, {"eval.enabled": False}), [cfg.segment.split],
                                   progress=False)
     info = manifest["splits"][cfg.segment.split]
@@ -166,9 +154,7 @@ SEG_KEYS = ("val_miou", "val_miou_ms", "val_miou_crf", "val_images_scored", "tra
 
 def run_pipeline(cfg: Config, out: str | Path, space: str | Path | None = None) -> dict:
     """Run (or continue) every stage in `out`; returns the report (also out/report.json, report.md, report.png)."""
-    from acr.distributed.segment import GT, run_segment
-    from acr.distributed.trainer import init_ray
-
+    validate(cfg, "pipeline")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     pl = cfg.pipeline
@@ -177,10 +163,10 @@ def run_pipeline(cfg: Config, out: str | Path, space: str | Path | None = None) 
         raise ConfigError(f"pipeline.space={space}: search space file not found")
     (out / "config.yaml").write_text(dump_yaml(cfg))
     if not cfg.ray.num_cpus and not cfg.ray.address:
-        cfg = apply_overrides(cfg, {"ray.num_cpus": pipeline_num_cpus(cfg)})
+        cfg = apply_overrides(cfg, {"ray.num_cpus": job_cpus(cfg, "pipeline", cfg.tune.max_concurrent or 1)})
     searching = (pl.search and not pl.checkpoint and needs_classifier(cfg)
                  and finished(out / FOLDERS["cams"]) is None)
-    init_ray(cfg, trials=(cfg.tune.max_concurrent or 1) if searching else 0)  # one Ray for every stage
+    init_ray(cfg, "pipeline", trials=(cfg.tune.max_concurrent or 1) if searching else 0)  # one Ray for every stage
     stages = Stages(out)
     ckpt, _ = _cams(cfg, stages, space)
     labels, pseudo_summary = _pseudo_labels(cfg, stages, ckpt)
@@ -263,11 +249,6 @@ def report_markdown(r: dict) -> str:
 
 
 def write_report(out: Path, report: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(report_markdown(report))
     ps, p = report["stages"].get("pseudo_labels", {}), report["paper"]
@@ -275,13 +256,4 @@ def write_report(out: Path, report: dict) -> None:
             ("mask", ps.get("mask_miou"), p["mask_miou"]),
             ("DeepLab\npseudo", report["val_miou_pseudo_crf"], p["voc_val"]),
             ("DeepLab\nGT", report["val_miou_gt_crf"], p["full_supervision_val_crf"])]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = range(len(bars))
-    ax.bar([i - 0.2 for i in x], [100 * (b[1] or 0) for b in bars], 0.4, label=f"ours ({report['dataset']})")
-    ax.bar([i + 0.2 for i in x], [b[2] for b in bars], 0.4, label="paper (VOC 2012)", color="lightgray")
-    ax.set_xticks(list(x), [b[0] for b in bars])
-    ax.set_ylabel("mIoU %")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=90)
-    plt.close(fig)
+    save_report_plot(out / "report.png", bars, report["dataset"])

@@ -11,23 +11,37 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
+import ray.tune
+import torch
 import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
-from acr.config import Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, to_dict
+from acr.checkpoint import load_classifier
+from acr.config import Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, to_dict, validate
+from acr.data.ingest import EvalRows
+from acr.data.sources import ensure_shards
+from acr.errors import RunError
+from acr.runtime.cluster import TRIAL_SLOT, concurrent_trials, init_ray, trial_resources
+from acr.storage import RunFolder
+from acr.train.driver import prepare_run, training_trainer
+from acr.train.evaluate import evaluate_split
+from acr.viz import save_trial_plots
 
+log = logging.getLogger(__name__)
 KINDS = ("categorical", "uniform", "loguniform", "int")
 METRIC = "cam_miou"
 SUMMARY = "summary.json"
-# A custom Ray resource, one unit per trial that fits at once. Tune sees only a trial's driver (0.1 CPU; the trial's
-# TorchTrainer reserves its workers itself), so when a search is resumed Tune would restart every unfinished trial
-# at once (its concurrency limit applies to new trials only), their workers would take every CPU and their data
-# streams would wait forever. A local Ray started for a search has these slots; on a cluster give them to `ray start`
-# (--resources='{"acr_trial_slot": N}').
-TRIAL_SLOT = "acr_trial_slot"
+__all__ = ["TRIAL_SLOT", "concurrent_trials", "load_space", "run_tune", "trial_resources"]
 
 
 def load_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, list]]:
@@ -58,7 +72,7 @@ def load_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, list]]:
                 raise ConfigError(f"{where}: int needs integer bounds, got {values!r}")
         for v in values:
             try:
-                apply_overrides(cfg, {key: v}, source=str(path))
+                apply_overrides(cfg, {key: v}, source=str(path), job="tune")
             except ConfigError as exc:
                 raise ConfigError(f"{where}={v!r} is not a valid setting: {exc}") from exc
         space[key] = (kind, values)
@@ -66,8 +80,6 @@ def load_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, list]]:
 
 
 def optuna_space(space: dict[str, tuple[str, list]]) -> dict:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     out = {}
     for key, (kind, v) in space.items():
         if kind == "categorical":
@@ -88,105 +100,66 @@ def selection_config(cfg: Config) -> Config:
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
     """The configuration a trial (or best.yaml) trains with: the base config with the sampled values; its `eval`
     section is the base's (the trial scored on the selection split instead)."""
-    return apply_overrides(base, params, source="a trial's parameters")
+    return apply_overrides(base, params, source="a trial's parameters", job="train")
 
 
 def run_trial(config: dict, base: dict, keys: list[str]) -> None:
     """The Tune trainable: one TorchTrainer run of `base` with the trial's sampled `keys`, every report forwarded to
     Tune."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from acr.distributed.trainer import build_trainer, prepare_run
-
     cfg = selection_config(trial_config(config_from_dict(base), {k: config[k] for k in keys}))
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
     loop_config, datasets, _ = prepare_run(cfg, progress=False)
     (trial_dir / "config.yaml").write_text(dump_yaml(cfg))
-    trainer = build_trainer(cfg, trial_dir / "train", loop_config, datasets, callbacks=[TuneReportCallback()])
-    trainer.fit()
+    training_trainer(cfg, trial_dir / "train", loop_config, datasets, callbacks=[TuneReportCallback()]).fit()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    from acr.distributed.train_loop import PROGRESS_FILE
-
-    best, best_key = None, (-1, -1)
-    for f in Path(run_dir).glob(f"checkpoint_*/{PROGRESS_FILE}"):
-        d = json.loads(f.read_text())
-        key = (d["epoch"], d["step_in_epoch"])
-        if key > best_key:
-            best, best_key = f.parent, key
-    return best
+    """A trial's newest checkpoint (the latest in Ray's record of its training run)."""
+    latest = RunFolder(run_dir).latest_checkpoint()
+    return Path(latest) if latest else None
 
 
-def trial_resources(cfg: Config) -> dict[str, float]:
-    """What one trial holds: its driver, its training workers, its Ray Data decode actors and one CPU for Ray Data's
-    small tasks."""
-    s = cfg.scaling
-    cpus = cfg.tune.trial_cpus + s.num_workers * s.cpus_per_worker + cfg.data.decode_actors * cfg.data.decode_cpus + 1
-    return {"CPU": cpus, "GPU": float(s.num_workers) if s.use_gpu else 0.0}
-
-
-def concurrent_trials(cfg: Config, resources: dict) -> int:
-    """tune.max_concurrent, or where null as many trials as the cluster's CPUs (and GPUs, where used) hold."""
-    if cfg.tune.max_concurrent:
-        return cfg.tune.max_concurrent
-    need = trial_resources(cfg)
-    n = int(resources.get("CPU", 0) // need["CPU"])
-    if need["GPU"]:
-        n = min(n, int(resources.get("GPU", 0) // need["GPU"]))
-    return max(1, n)
-
-
-def run_tune(cfg: Config, space_file: str | Path, output_dir: str | Path) -> dict:
-    """Search, resume if `output_dir` holds an interrupted search, and write the outputs (see ray_jobs/tune.py)."""
-    import optuna
-    import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from acr.data.sources import ensure_shards
-    from acr.distributed.trainer import init_ray
-
-    out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    space = load_space(space_file, cfg)
-    if cfg.tune.select_split == cfg.eval.split:
-        raise ConfigError(f"tune.select_split and eval.split are both '{cfg.eval.split}': the split that selects "
-                          "the trial must differ from the split whose numbers are reported")
-    # Convert the data once, before any trial (trials would race on the cache); trials read the shards.
-    uri, _ = ensure_shards(cfg, [cfg.data.train_split, cfg.tune.select_split, cfg.eval.split])
-    base = apply_overrides(cfg, {"data.shards": uri})
-    init_ray(cfg, trials=cfg.tune.max_concurrent or 1)
-    cluster = ray.cluster_resources()
-    concurrent, driver = concurrent_trials(cfg, cluster), {"CPU": cfg.tune.trial_cpus}
-    if cluster.get(TRIAL_SLOT):
-        concurrent, driver[TRIAL_SLOT] = min(concurrent, int(cluster[TRIAL_SLOT])), 1
-    print(f"up to {concurrent} trial(s) at once, each {trial_resources(cfg)}"
-          + ("" if TRIAL_SLOT in driver else f" (the cluster has no '{TRIAL_SLOT}' resource: a resumed search "
-                                             "restarts all its unfinished trials at once)"), flush=True)
-    storage = cfg.tune.storage or f"sqlite:///{out / 'study.db'}"
+def _tuner(cfg: Config, base: Config, space: dict, out: Path, storage: str, concurrent: int, driver: dict):
+    """A new Tuner, or the interrupted search in `out` restored."""
     experiment = out / "experiment"
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=to_dict(base), keys=list(space)),
                                         driver)
     if ray.tune.Tuner.can_restore(experiment):
-        print(f"resuming the search in {experiment}", flush=True)
-        tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        search = OptunaSearch(optuna_space(space), metric=METRIC, mode="max", study_name=cfg.tune.study_name,
-                              storage=optuna.storages.RDBStorage(storage),
-                              sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed))
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
-                                   grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
-                     if cfg.tune.asha else None)
-        tuner = ray.tune.Tuner(
-            trainable,
-            tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
-                                            num_samples=cfg.tune.num_samples,
-                                            max_concurrent_trials=concurrent,
-                                            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-            run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(out)))
-    results = tuner.fit()
+        log.info("resuming the search in %s", experiment)
+        return ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    search = OptunaSearch(optuna_space(space), metric=METRIC, mode="max", study_name=cfg.tune.study_name,
+                          storage=optuna.storages.RDBStorage(storage),
+                          sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed))
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                               grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+                 if cfg.tune.asha else None)
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
+                                        num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent,
+                                        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(out)))
+
+
+def run_tune(cfg: Config, space_file: str | Path, output_dir: str | Path) -> dict:
+    """Search, resume if `output_dir` holds an interrupted search, and write the outputs (see ray_jobs/tune.py)."""
+    validate(cfg, "tune")
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    space = load_space(space_file, cfg)
+    # Convert the data once, before any trial (trials would race on the cache); trials read the shards.
+    uri, _ = ensure_shards(cfg, [cfg.data.train_split, cfg.tune.select_split, cfg.eval.split])
+    base = apply_overrides(cfg, {"data.shards": uri})
+    init_ray(cfg, "tune", trials=cfg.tune.max_concurrent or 1)
+    cluster = ray.cluster_resources()
+    concurrent, driver = concurrent_trials(cfg, cluster), {"CPU": cfg.tune.trial_cpus}
+    if cluster.get(TRIAL_SLOT):
+        concurrent, driver[TRIAL_SLOT] = min(concurrent, int(cluster[TRIAL_SLOT])), 1
+    log.info("up to %d trial(s) at once, each %s%s", concurrent, trial_resources(cfg),
+             "" if TRIAL_SLOT in driver else f" (the cluster has no '{TRIAL_SLOT}' resource: a resumed search "
+                                              "restarts all its unfinished trials at once)")
+    storage = cfg.tune.storage or f"sqlite:///{out / 'study.db'}"
+    results = _tuner(cfg, base, space, out, storage, concurrent, driver).fit()
     return write_outputs(cfg, base, space, results, out, storage)
 
 
@@ -208,7 +181,7 @@ def write_outputs(cfg: Config, base: Config, space: dict, results, out: Path, st
         writer.writerows(rows)
     scored = [row for row in rows if row["best_cam_miou"] is not None]
     if not scored:
-        raise RuntimeError(f"no trial produced a CAM mIoU; see {out / 'trials.csv'} and the trial folders")
+        raise RunError(f"no trial produced a CAM mIoU; see {out / 'trials.csv'} and the trial folders")
     # Best = highest final-epoch score among trials that trained every epoch (early-stopped ones are not comparable).
     full = [row for row in scored if row["epochs"] >= cfg.train.epochs] or scored
     best = max(full, key=lambda row: row["last_cam_miou"])
@@ -233,43 +206,19 @@ def write_outputs(cfg: Config, base: Config, space: dict, results, out: Path, st
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: Path) -> dict:
-    """Score a checkpoint's classifier on `eval.split` in this process (the Ray Data eval stream, one worker)."""
-    import torch
-
-    from acr.checkpoint import load_classifier
-    from acr.data.ingest import EvalRows
-    from acr.data.sources import ensure_shards
-    from acr.distributed.train_loop import evaluate_split
-
+    """Score a checkpoint's classifier on `eval.split` in this process (one worker)."""
     uri, manifest = ensure_shards(cfg, [cfg.eval.split], progress=False)
     model, _ = load_classifier(checkpoint)
-    result, _ = evaluate_split(model, cfg, EvalRows(uri, manifest, cfg.eval.split), uri, 0, 1,
-                               torch.device("cpu"))
+    result, _ = evaluate_split(model, cfg, EvalRows(uri, manifest, cfg.eval.split), uri, 0, 1, torch.device("cpu"))
     return result
 
 
 def save_plots(out: Path, curves: dict[str, list[float]], storage: str, study_name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for trial, scores in curves.items():
-        axes[0].plot(range(1, len(scores) + 1), scores, marker="o", label=trial[-12:])
-    axes[0].set(xlabel="epoch", ylabel="CAM mIoU (selection split)", title="trials")
-    axes[0].legend(fontsize=6)
+    """trials.png: every trial's score per epoch, and the parameters' importances (fANOVA) where computable."""
     importances = {}
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
         importances = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError, KeyError):
         pass  # fewer than two finished trials, or all with the same value
-    if importances:
-        axes[1].barh(list(importances), list(importances.values()))
-    axes[1].set(xlabel="importance (fANOVA)" if importances else "needs two finished trials",
-                title="parameter importances")
-    fig.tight_layout()
-    fig.savefig(out / "trials.png", dpi=100)
-    plt.close(fig)
+    save_trial_plots(out / "trials.png", curves, importances)

@@ -102,3 +102,33 @@ def save_loss_curve(path: Path, history: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def save_trial_plots(path: Path, curves: dict[str, list[float]], importances: dict[str, float]) -> None:
+    """A search's trials: CAM mIoU per epoch of every trial, and the parameters' importances (if any)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for trial, scores in curves.items():
+        axes[0].plot(range(1, len(scores) + 1), scores, marker="o", label=trial[-12:])
+    axes[0].set(xlabel="epoch", ylabel="CAM mIoU (selection split)", title="trials")
+    axes[0].legend(fontsize=6)
+    if importances:
+        axes[1].barh(list(importances), list(importances.values()))
+    axes[1].set(xlabel="importance (fANOVA)" if importances else "needs two finished trials",
+                title="parameter importances")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_report_plot(path: Path, bars: list[tuple[str, float | None, float]], dataset: str) -> None:
+    """The pipeline report's bars: (name, our mIoU as a fraction or None, the paper's mIoU %)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = range(len(bars))
+    ax.bar([i - 0.2 for i in x], [100 * (b[1] or 0) for b in bars], 0.4, label=f"ours ({dataset})")
+    ax.bar([i + 0.2 for i in x], [b[2] for b in bars], 0.4, label="paper (VOC 2012)", color="lightgray")
+    ax.set_xticks(list(x), [b[0] for b in bars])
+    ax.set_ylabel("mIoU %")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

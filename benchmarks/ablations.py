@@ -41,7 +41,7 @@ from acr.config import load_config, to_dict  # noqa: E402
 from acr.data.synthetic import GENERATOR_VERSION, default_cache_dir  # noqa: E402
 from acr.data.sources import dataset_root  # noqa: E402
 from acr.data.transforms import normalize  # noqa: E402
-from acr.distributed.trainer import run_local  # noqa: E402
+from acr.train.driver import run_local  # noqa: E402
 from benchmarks.throughput import commit, machine, write_benchmarks_md  # noqa: E402
 
 PAPER = {  # VOC train, paper Tables 1-2: mIoU (%), precision, recall

@@ -25,15 +25,16 @@ from benchmarks.throughput import commit, machine, steady_state, write_benchmark
 
 
 def stream_rate(cfg, workers: int, warmup: int) -> float:
-    from acr.distributed.train_loop import stream_probe
-    from acr.distributed.trainer import build_trainer, prepare_run
+    from acr.runtime.trainer import build_trainer
+    from acr.train.driver import prepare_run
+    from acr.train.probe import stream_probe
 
     cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = workers, 2 / workers
     _, datasets, _ = prepare_run(cfg, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        result = build_trainer(cfg, Path(tmp) / "run", {"per_worker": cfg.train.batch_size // workers,
-                                                        "prefetch": cfg.data.prefetch_batches, "warmup": warmup,
-                                                        "record_dir": tmp}, datasets, train_fn=stream_probe).fit()
+        probe = {"per_worker": cfg.train.batch_size // workers, "prefetch": cfg.data.prefetch_batches,
+                 "warmup": warmup, "record_dir": tmp}
+        result = build_trainer(stream_probe, probe, Path(tmp) / "run", datasets, cfg, workers).fit()
         if result.error:
             raise result.error
         return float(np.mean([json.loads((Path(tmp) / f"rank{r}.json").read_text())["images_per_second"]
@@ -55,7 +56,7 @@ def folder_rate(cfg, images: int) -> float:
 
 
 def training_run(cfg, workers: int, warmup: int) -> dict:
-    from acr.distributed.trainer import run_training
+    from acr.train.driver import run_training
 
     cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = workers, 2 / workers
     cfg.train.threads_per_worker = 2 // workers
@@ -74,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from acr.distributed.trainer import init_ray
+    from acr.runtime.cluster import init_ray
 
     cfg = load_config(args.config, ["eval.enabled=false", "train.log_every_steps=0", "train.epochs=1",
                                     *args.overrides])

@@ -91,7 +91,7 @@ def steady_state(history: dict, batch: int, warmup: int) -> dict:
 
 def run_plain(cfg: Config, threads: int, warmup: int) -> dict:
     """The training loop in this process, without Ray."""
-    from acr.distributed.trainer import run_local
+    from acr.train.driver import run_local
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +108,8 @@ def run_plain(cfg: Config, threads: int, warmup: int) -> dict:
 def run_trainer(cfg: Config, workers: int, threads: int, warmup: int) -> dict:
     import ray
 
-    from acr.distributed.trainer import build_trainer, init_ray, prepare_run
+    from acr.runtime.cluster import init_ray
+    from acr.train.driver import prepare_run, training_trainer
 
     cfg.scaling.num_workers = workers
     cfg.scaling.cpus_per_worker = threads // workers
@@ -116,7 +117,7 @@ def run_trainer(cfg: Config, workers: int, threads: int, warmup: int) -> dict:
     init_ray(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        result = build_trainer(cfg, Path(tmp) / "run", *prepare_run(cfg, progress=False)[:2]).fit()
+        result = training_trainer(cfg, Path(tmp) / "run", *prepare_run(cfg, progress=False)[:2]).fit()
         wall = time.perf_counter() - t
         if result.error:
             raise result.error

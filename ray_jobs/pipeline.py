@@ -18,26 +18,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from acr.cli import fail, parse_job_args  # noqa: E402
-from acr.data.voc import DataError  # noqa: E402
-from acr.method.step import NonFiniteLossError  # noqa: E402
-from acr.models.weights import WeightsError  # noqa: E402
+from acr.cli import parse_job_args  # noqa: E402
+from acr.pipeline import run_pipeline  # noqa: E402
+from acr.runtime.errors import run_job  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.yaml"
 
 
+def pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
 def main(argv=None) -> None:
     cfg, out, _ = parse_job_args(__doc__.splitlines()[0], DEFAULT_CONFIG, argv, job="pipeline")
-    from acr.pipeline import run_pipeline
-
-    try:
-        report = run_pipeline(cfg, out)
-    except (DataError, WeightsError, NonFiniteLossError, FloatingPointError, ValueError, RuntimeError) as exc:
-        fail(exc)
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}"
-
+    report = run_pipeline(cfg, out)
     ps = report["stages"].get("pseudo_labels", {})
     print(f"pseudo-labels: seed {pct(ps.get('seed_miou'))}, +CRF {pct(ps.get('crf_miou'))}, mask "
           f"{pct(ps.get('mask_miou'))} mIoU %; DeepLab on '{report['val_split']}' from pseudo-labels "
@@ -49,4 +43,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, "pipeline.py")

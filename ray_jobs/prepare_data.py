@@ -15,9 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from acr.cli import fail, parse_job_args  # noqa: E402
+from acr.cli import parse_job_args  # noqa: E402
 from acr.config import num_classes  # noqa: E402
-from acr.data.voc import DataError  # noqa: E402
+from acr.data.shards import find_corrupt_rows, write_shards  # noqa: E402
+from acr.data.sources import dataset_root, shards_cache_dir  # noqa: E402
+from acr.runtime.errors import run_job  # noqa: E402
 
 
 def _flags(p) -> None:
@@ -26,26 +28,21 @@ def _flags(p) -> None:
 
 
 def main(argv=None) -> None:
-    cfg, out, args = parse_job_args(__doc__.splitlines()[0], None, argv, job=None, add_args=_flags)
-    from acr.data.shards import find_corrupt_rows, write_shards
-    from acr.data.sources import dataset_root, shards_cache_dir
-
+    cfg, out, args = parse_job_args(__doc__.splitlines()[0], None, argv, job="prepare_data", add_args=_flags,
+                                    default_output=False)
     d = cfg.data
-    try:
-        root = dataset_root(cfg)
-        out = Path(out) if out else shards_cache_dir(cfg, root)
-        manifest = write_shards(d.format, root, out, num_classes(cfg), d.shard_rows, args.splits, d.labels,
-                                d.labels_file, d.coco_crowd, d.skip_corrupt)
-        for split, info in manifest["splits"].items():
-            print(f"{split}: {info['rows']} images in {len(info['shards'])} shard(s), {info['masks']} with masks"
-                  + (f", {len(info['skipped'])} skipped as corrupt" if info["skipped"] else ""))
-            if args.verify:
-                bad = find_corrupt_rows(str(out), manifest, split)
-                print(f"  verify: {len(bad)} undecodable row(s)" + "".join(f"\n    {b['reason']}" for b in bad))
-    except (DataError, ValueError, OSError) as exc:
-        fail(exc)
+    root = dataset_root(cfg)
+    out = Path(out) if out else shards_cache_dir(cfg, root)
+    manifest = write_shards(d.format, root, out, num_classes(cfg), d.shard_rows, args.splits, d.labels,
+                            d.labels_file, d.coco_crowd, d.skip_corrupt)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['rows']} images in {len(info['shards'])} shard(s), {info['masks']} with masks"
+              + (f", {len(info['skipped'])} skipped as corrupt" if info["skipped"] else ""))
+        if args.verify:
+            bad = find_corrupt_rows(str(out), manifest, split)
+            print(f"  verify: {len(bad)} undecodable row(s)" + "".join(f"\n    {b['reason']}" for b in bad))
     print(out.resolve())
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, "prepare_data.py")

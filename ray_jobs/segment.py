@@ -2,59 +2,51 @@
 writes <output-dir>/summary.json (val_miou, val_miou_ms, val_miou_crf, per-class IoU), predictions as palette PNGs,
 predictions.png and loss.png. The last line printed is the summary's path.
 
-    python ray_jobs/segment.py labels=DIR [--config FILE] [--output-dir DIR] [key=value ...]
+    python ray_jobs/segment.py labels=DIR [--config FILE] [--output-dir DIR or URI] [key=value ...]
 
 `labels=` is short for `segment.labels=`: a pseudo-label job's folder (its masks/ are used, with the config and
 split the job ran with), any folder of <id>.png label maps (with --config, default configs/demo.yaml), or `gt` for
-the ground-truth masks (the fully supervised upper bound). Rerunning with the same DIR continues training from the
-last finished epoch and skips finished predictions.
+the ground-truth masks (the fully supervised upper bound); a path or a URI. Rerunning with the same DIR continues
+training from its last checkpoint and skips finished predictions.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from acr.cli import fail  # noqa: E402
-from acr.config import ConfigError, apply_overrides, load_config, parse_overrides  # noqa: E402
-from acr.data.voc import DataError  # noqa: E402
-from acr.models.weights import WeightsError  # noqa: E402
+from acr.cli import output_dir  # noqa: E402
+from acr.config import apply_overrides, load_config, parse_overrides, validate  # noqa: E402
+from acr.runtime.errors import run_job  # noqa: E402
+from acr.storage import RunFolder  # noqa: E402
+from acr.segment.job import labels_job_config, run_segment  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def main(argv=None) -> None:
-    import argparse
-    import time
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=None,
                    help="YAML config (default: the pseudo-label job's own, else configs/demo.yaml)")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="the run folder; rerunning with the same folder resumes (default: outputs/segment-<time>)")
+    p.add_argument("--output-dir", default=None, help="the job folder (a path or a URI); rerunning with the same "
+                   "folder resumes (default: outputs/segment-<time>)")
     p.add_argument("overrides", nargs="*", help="labels=DIR and dotted key=value overrides")
     args = p.parse_intermixed_args(argv)
-    items = [f"segment.{a}" if a.startswith("labels=") else a for a in args.overrides]
-    out = args.output_dir or Path("outputs") / f"segment-{time.strftime('%Y%m%d-%H%M%S')}"
-    from acr.distributed.segment import labels_job_config, run_segment
-
-    try:
-        overrides = dict(parse_overrides(items))
-        job = labels_job_config(overrides.get("segment.labels")) if args.config is None else None
-        cfg = job if job is not None else load_config(args.config or DEFAULT_CONFIG)
-        cfg = apply_overrides(cfg, overrides, source="the command line")
-        summary = run_segment(cfg, out)
-    except ConfigError as exc:
-        p.exit(2, f"{p.prog}: config error: {exc}\n")
-    except (DataError, WeightsError, ValueError, RuntimeError) as exc:
-        fail(exc)
+    overrides = dict(parse_overrides([f"segment.{a}" if a.startswith("labels=") else a for a in args.overrides]))
+    out = output_dir(args.output_dir, "segment", uri_output=True)
+    job = labels_job_config(overrides.get("segment.labels")) if args.config is None else None
+    cfg = job if job is not None else load_config(args.config or DEFAULT_CONFIG, job="segment")
+    cfg = apply_overrides(cfg, overrides, source="the command line")
+    validate(cfg, "segment")
+    summary = run_segment(cfg, out)
     print(f"DeepLab on '{summary['labels']}': val mIoU {summary['val_miou']:.4f} single scale, "
           f"{summary['val_miou_ms']:.4f} multi-scale + flip, {summary['val_miou_crf']:.4f} + CRF "
           f"({summary['val_images_scored']} images of '{summary['val_split']}')")
-    print(Path(out).resolve() / "summary.json")
+    print(RunFolder(out).uri("summary.json"))
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, "segment.py")

@@ -11,22 +11,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from acr.cli import fail, parse_job_args  # noqa: E402
-from acr.data.voc import DataError  # noqa: E402
-from acr.method.step import NonFiniteLossError  # noqa: E402
-from acr.models.weights import WeightsError  # noqa: E402
+from acr.cli import parse_job_args  # noqa: E402
+from acr.runtime.errors import run_job  # noqa: E402
+from acr.train.driver import run_training  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def main(argv=None) -> None:
     cfg, output_dir, _ = parse_job_args(__doc__.splitlines()[0], DEFAULT_CONFIG, argv, job="train", uri_output=True)
-    from acr.distributed.trainer import run_training
-
-    try:
-        summary = run_training(cfg, output_dir)
-    except (DataError, WeightsError, NonFiniteLossError, ValueError, OSError) as exc:
-        fail(exc)
+    summary = run_training(cfg, output_dir)
     if "cam_miou" in summary:
         print(f"CAM mIoU {summary['cam_miou']:.4f} (precision {summary['precision']:.4f}, recall "
               f"{summary['recall']:.4f}, threshold {summary['threshold']:.2f}); floors: all background "
@@ -35,4 +29,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, "train.py")

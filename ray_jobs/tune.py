@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from acr.cli import fail, parse_job_args  # noqa: E402
-from acr.config import ConfigError  # noqa: E402
-from acr.data.voc import DataError  # noqa: E402
+from acr.cli import parse_job_args  # noqa: E402
+from acr.runtime.errors import run_job  # noqa: E402
+from acr.tuning import run_tune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,12 +30,7 @@ def _flags(p) -> None:
 def main(argv=None) -> None:
     cfg, out, args = parse_job_args(__doc__.splitlines()[0], REPO / "configs" / "tune_demo.yaml", argv, job="tune",
                                     add_args=_flags)
-    from acr.tuning import run_tune
-
-    try:
-        summary = run_tune(cfg, args.space, out)
-    except (ConfigError, DataError, ValueError, RuntimeError) as exc:
-        fail(exc)
+    summary = run_tune(cfg, args.space, out)
     print(f"best trial {summary['best_trial']}: CAM mIoU {summary['best_cam_miou']:.4f} on "
           f"'{summary['select_split']}' (selection), "
           + (f"{summary['best_cam_miou_reported']:.4f} on '{summary['report_split']}' (reported); "
@@ -45,4 +40,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, "tune.py")

@@ -34,8 +34,8 @@ import torch
 
 from acr.checkpoint import load_state
 from acr.config import load_config
-from acr.distributed.storage import RunFolder
-from acr.distributed.trainer import run_training
+from acr.storage import RunFolder
+from acr.train.driver import run_training
 from tests.conftest import REPO, TINY_OVERRIDES
 
 pytestmark = [pytest.mark.slow,
@@ -95,9 +95,9 @@ def ray_cluster(s3_endpoint):
     """A local Ray as train.py starts it (its Train settings: reports are polled every 0.25 s), restored after."""
     import ray
 
-    from acr.distributed.trainer import _RAY_ENV, init_ray
+    from acr.runtime.cluster import RAY_ENV, init_ray
 
-    saved = {k: os.environ.get(k) for k in _RAY_ENV}
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
     init_ray(load_config(None, ["ray.num_cpus=4"]))
     yield
     ray.shutdown()

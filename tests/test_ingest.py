@@ -10,8 +10,9 @@ import pytest
 
 from acr.config import load_config
 from acr.data.ingest import epoch_permutation
-from acr.distributed.train_loop import stream_probe
-from acr.distributed.trainer import build_trainer, prepare_run
+from acr.runtime.trainer import build_trainer
+from acr.train.driver import prepare_run
+from acr.train.probe import stream_probe
 from tests.conftest import TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
@@ -22,8 +23,8 @@ def _stream(cfg, workers: int, out: Path, start=(0, 0)) -> tuple[list[list[dict]
     cfg.scaling.cpus_per_worker = 0.5
     loop_config, datasets, info = prepare_run(cfg, start=start, progress=False)
     out.mkdir(parents=True)
-    trainer = build_trainer(cfg, out / "run", {"per_worker": cfg.train.batch_size // workers, "record_dir": str(out)},
-                            datasets, train_fn=stream_probe)
+    trainer = build_trainer(stream_probe, {"per_worker": cfg.train.batch_size // workers, "record_dir": str(out)},
+                            out / "run", datasets, cfg, workers)
     result = trainer.fit()
     assert result.error is None, result.error
     return ([json.loads((out / f"rank{r}.json").read_text())["batches"] for r in range(workers)],

@@ -8,8 +8,8 @@ import torch
 
 from acr.checkpoint import load_classifier, load_state
 from acr.config import load_config
-from acr.distributed.trainer import run_local
-from acr.method.step import NonFiniteLossError
+from acr.train.driver import run_local
+from acr.errors import NonFiniteLossError
 from tests.conftest import TINY_OVERRIDES
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torchvision
 
-from acr.models.backbones import ConfigurationError, ResNet38d, build_backbone, calibrate_batchnorm
+from acr.errors import ConfigError
+from acr.models.backbones import ResNet38d, build_backbone, calibrate_batchnorm
 from acr.models.classifier import Classifier
 from acr.models.reconstructor import Reconstructor, UNetDecoder
 from acr.models.weights import WeightsError, load_backbone_weights, read_mxnet_params, write_mxnet_params
@@ -63,9 +64,9 @@ def test_torchvision_state_dict_and_mismatch_errors(tmp_path):
 
 
 def test_unknown_backbone_and_stride():
-    with pytest.raises(ConfigurationError, match="unknown model.backbone 'vgg'"):
+    with pytest.raises(ConfigError, match="unknown model.backbone 'vgg'"):
         build_backbone("vgg")
-    with pytest.raises(ConfigurationError, match="output stride 8 only"):
+    with pytest.raises(ConfigError, match="output stride 8 only"):
         build_backbone("resnet38d", 16)
 
 

@@ -12,10 +12,11 @@ import sys
 import time
 
 import pytest
-import torch
 
 from acr.config import load_config
 from acr.pipeline import PAPER, finished, make_report, report_markdown
+from acr.runtime.session import resume_point
+from acr.storage import RunFolder
 from tests.conftest import REPO, TINY_OVERRIDES
 
 PIPELINE = [
@@ -42,16 +43,16 @@ def test_pipeline_killed_in_stage_3_continues_from_there(cache_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    state = out / "3_deeplab" / "model" / "state.pt"
+    model = RunFolder(out / "3_deeplab" / "model")  # DeepLab's Ray Train run: its first recorded checkpoint
     deadline = time.time() + 600
-    while time.time() < deadline and not state.is_file() and proc.poll() is None:
+    while time.time() < deadline and resume_point(model) == (0, 0) and proc.poll() is None:
         time.sleep(0.5)
-    assert state.is_file(), (tmp_path / "first.log").read_text()[-3000:]
+    assert resume_point(model) != (0, 0), (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and the Ray it started (same process group)
     proc.wait()
     assert finished(out / "3_deeplab") is None and not (out / "report.json").exists()
     kept = {name: _snapshot(out / name) for name in ("1_cams", "2_pseudo_labels")}
-    epochs_before = torch.load(state, weights_only=True)["epoch"]  # 1, or 2 if the kill came late
+    epochs_before = resume_point(model)[0]  # 1, or 2 if the kill came late
     rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     assert rerun.stdout.strip().splitlines()[-1] == str(out.resolve() / "report.md")
@@ -62,7 +63,7 @@ def test_pipeline_killed_in_stage_3_continues_from_there(cache_dir, tmp_path):
     seg = json.loads((out / "3_deeplab" / "summary.json").read_text())
     assert [h["epoch"] for h in seg["history"]] == [1, 2]  # epoch 1 once: continued, not restarted
     assert seg["stages"]["train"] == ({"kept": True, "epochs": 2} if epochs_before == 2 else
-                                      {"kept": False, "epochs": 1, "steps_per_epoch": 1,
+                                      {"kept": False, "epochs": 1, "steps_per_epoch": 1, "resumed_from": [1, 0],
                                        "seconds": seg["stages"]["train"]["seconds"]})
     assert seg["backbone_init"].startswith("the classifier of") and seg["split"] == "train"
     assert seg["train_images"] == 8  # the images the pseudo-label job labelled
@@ -130,8 +131,8 @@ def test_a_search_finds_its_own_state_api_beside_another_ray_instance_and_has_tr
                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         assert decoy.stdout.readline().strip() == "up"
-        check = ("import ray; from acr.config import load_config; from acr.distributed.trainer import init_ray\n"
-                 "init_ray(load_config(None, ['ray.num_cpus=2']), trials=1)\n"
+        check = ("import ray; from acr.config import load_config; from acr.runtime.cluster import init_ray\n"
+                 "init_ray(load_config(None, ['ray.num_cpus=2']), 'tune', trials=1)\n"
                  "@ray.remote\n"
                  "def actors():\n"
                  "    from ray.util.state import list_actors\n"

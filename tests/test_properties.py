@@ -234,7 +234,7 @@ def folder(tmp_path_factory) -> Path:
 def test_image_mask_and_label_map_files_load_or_fail_naming_the_file(folder, data):
     path = folder / "2007_000032.png"
     path.write_bytes(data)
-    for load in (load_image, lambda p: load_mask(p, 20), lambda p: load_label_map(p, (5, 6), 20)):
+    for load in (load_image, lambda p: load_mask(p, 20), lambda p: load_label_map(p.read_bytes(), str(p), (5, 6), 20)):
         try:
             out = load(path)
         except DataError as exc:

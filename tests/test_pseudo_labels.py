@@ -4,14 +4,18 @@ CRF -> IRN (Ray Train) -> masks, Table 3 levels, resume; checkpoint lookup and b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from acr.config import ConfigError, Config, apply_overrides, load_config
-from acr.distributed.batch import check_stage_params, job_config, resolve_checkpoint, run_pseudo_labels
-from acr.distributed.trainer import run_local
+from acr.checkpoint import resolve_checkpoint
+from acr.pseudo.irn import build_irn
+from acr.pseudo.job import check_stage_params, job_config, run_pseudo_labels
+from acr.storage import RunFolder
+from acr.train.driver import run_local
 from acr.refine import pseudo
 from tests.conftest import TINY_OVERRIDES
 
@@ -62,14 +66,14 @@ def test_real_voc_images_end_to_end_then_resume(voc_checkpoint, voc_mini, tmp_pa
 
 
 def test_checkpoint_is_found_from_a_run_or_tune_folder_and_bad_ones_are_named(voc_checkpoint, tmp_path):
-    assert resolve_checkpoint(voc_checkpoint / "state.pt") == voc_checkpoint.resolve()
+    assert Path(resolve_checkpoint(voc_checkpoint / "state.pt")) == voc_checkpoint.resolve()
     run = tmp_path / "run"
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"checkpoint": str(voc_checkpoint)}))
     tune = tmp_path / "tune"
     tune.mkdir()
     (tune / "summary.json").write_text(json.dumps({"best_checkpoint": str(run)}))
-    assert resolve_checkpoint(tune) == voc_checkpoint.resolve()
+    assert Path(resolve_checkpoint(tune)) == voc_checkpoint.resolve()
     with pytest.raises(ConfigError, match="nowhere"):
         resolve_checkpoint(tmp_path / "nowhere")
     cfg = _job(tune, **{"pseudo.irn_epochs": 2})
@@ -82,16 +86,14 @@ def test_checkpoint_is_found_from_a_run_or_tune_folder_and_bad_ones_are_named(vo
 
 def test_files_made_with_other_settings_are_not_reused(tmp_path):
     made = "crf/ and ir_labels/"
-    check_stage_params(tmp_path, {"seed_threshold": 0.3, "crf": "psa"}, "refine", made)
-    check_stage_params(tmp_path, {"seed_threshold": 0.3, "crf": "psa"}, "refine", made)  # same settings: fine
+    check_stage_params(RunFolder(tmp_path), {"seed_threshold": 0.3, "crf": "psa"}, "refine", made)
+    check_stage_params(RunFolder(tmp_path), {"seed_threshold": 0.3, "crf": "psa"}, "refine", made)  # same settings: fine
     with pytest.raises(ConfigError, match="seed_threshold=0.3, not 0.9: use another --output-dir, or delete crf/"):
-        check_stage_params(tmp_path, {"seed_threshold": 0.9, "crf": "psa"}, "refine", made)
+        check_stage_params(RunFolder(tmp_path), {"seed_threshold": 0.9, "crf": "psa"}, "refine", made)
 
 
 def test_per_image_steps_on_hand_made_cams(tmp_path):
     import torch
-
-    from acr.distributed.batch import build_irn
 
     cams = np.zeros((2, 8, 8), np.float32)
     cams[0, :4] = 0.9  # class 2 (index 1 of keys) on the top half ...
@@ -105,11 +107,11 @@ def test_per_image_steps_on_hand_made_cams(tmp_path):
     image[4:, :4] = (30, 200, 30)
     crf = pseudo.crf_labels(image, cams, keys, 0.4)
     assert set(np.unique(crf)) <= {0, 2, 5} and crf[1, 1] == 2 and crf[6, 1] == 5
-    pseudo.save_cams(tmp_path / "c.npz", cams, keys)
+    (tmp_path / "c.npz").write_bytes(pseudo.cams_bytes(cams, keys))
     back, k = pseudo.load_cams(tmp_path / "c.npz")
     assert np.allclose(back, cams, atol=1e-3) and k.tolist() == [1, 4]
     assert pseudo.full_cams(back, k, 6)[[0, 2, 3, 5]].max() == 0 and pseudo.full_cams(back, k, 6)[4, 6, 1] == 0.5
-    pseudo.write_label_png(tmp_path / "m.png", crf)
+    (tmp_path / "m.png").write_bytes(pseudo.label_png_bytes(crf))
     assert (pseudo.read_label_png(tmp_path / "m.png") == crf).all()
     cfg = load_config(None, TINY_OVERRIDES)
     irn = build_irn(cfg)

@@ -10,7 +10,7 @@ import torch
 
 from acr.checkpoint import load_state
 from acr.config import load_config
-from acr.distributed.trainer import run_training
+from acr.train.driver import run_training
 from tests.conftest import TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,10 @@ from torch import nn
 from acr.config import ConfigError, load_config
 from acr.data.transforms import normalize, scale_flip_crop_pair
 from acr.data.voc import DataError
-from acr.distributed.segment import poly_lr, run_segment, segmentation_loss
+from acr.method.schedules import poly_factor
+from acr.segment.job import run_segment
+from acr.segment.train import segmentation_loss
+from acr.storage import RunFolder
 from acr.models.deeplab import DeepLab, predict_probabilities
 from acr.refine import pseudo
 from tests.conftest import REPO
@@ -100,6 +103,11 @@ def test_flip_averages_the_flipped_prediction_mirrored_back():
     assert torch.allclose(single_only, single, atol=1e-6)
 
 
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
+    """DeepLab's learning rate at `step` (the one poly schedule, acr.method.schedules)."""
+    return base_lr * poly_factor(step, total_steps, power)
+
+
 def test_poly_lr():
     assert poly_lr(0.001, 0, 10, 0.9) == 0.001
     assert poly_lr(0.001, 5, 10, 0.9) == pytest.approx(0.001 * 0.5 ** 0.9)  # 5.359e-4
@@ -136,7 +144,7 @@ def test_resnet38d_with_the_deeplab_v2_head():
     assert (backbone["lr"], head["lr"]) == (0.001, pytest.approx(0.01))
     assert len(head["params"]) == 8 and all(p.requires_grad for p in backbone["params"])
     with pytest.raises(ConfigError, match="segment.backbone=resnet38d has output stride 8 only"):
-        load_config(None, ["segment.output_stride=16"])
+        load_config(None, ["segment.output_stride=16"], job="segment")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +185,7 @@ def test_segment_script_on_real_voc_images_then_resume(voc_mini, cache_dir, tmp_
     assert summary["stages"]["train"]["steps_per_epoch"] == 2 and summary["stages"]["predict"]["done"] == 3
     last = summary["history"][-1]
     assert last["steps"] == 2 and math.isfinite(last["loss"])
-    assert last["backbone_lr_last_step"] == pytest.approx(poly_lr(0.001, 1, 2, 0.9))  # step 2 of 2
+    assert last["lr_last_step"] == pytest.approx(poly_lr(0.001, 1, 2, 0.9))  # step 2 of 2 (the backbone's group)
     val_ids = (voc_mini / "ImageSets/Segmentation/val.txt").read_text().split()
     files = {}
     for level in ("pred", "pred_ms", "pred_crf"):
@@ -189,7 +197,7 @@ def test_segment_script_on_real_voc_images_then_resume(voc_mini, cache_dir, tmp_
             assert pseudo.read_label_png(p).max() <= 20
             files[p] = p.stat().st_mtime_ns
     assert (out / "predictions.png").stat().st_size > 5000 and (out / "loss.png").is_file()
-    state = out / "model" / "state.pt"
+    state = Path(RunFolder(out / "model").latest_checkpoint()) / "state.pt"  # Ray Train's latest checkpoint
     state_mtime = state.stat().st_mtime_ns
     # rerun: nothing is trained or predicted again, the numbers are the same
     again = _script(out, labels, voc_mini, cache_dir)
@@ -197,7 +205,8 @@ def test_segment_script_on_real_voc_images_then_resume(voc_mini, cache_dir, tmp_
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["stages"]["train"] == {"kept": True, "epochs": 1}
     assert resumed["stages"]["predict"]["kept"] == 3 and resumed["stages"]["predict"]["done"] == 0
-    assert state.stat().st_mtime_ns == state_mtime and torch.load(state, weights_only=True)["epoch"] == 1
+    assert state.stat().st_mtime_ns == state_mtime and RunFolder(out / "model").latest_checkpoint() == str(state.parent)
+    assert json.loads((state.parent / "progress.json").read_text()) == {"epoch": 1, "step_in_epoch": 0}
     assert {p: p.stat().st_mtime_ns for p in files} == files
     assert (resumed["val_miou"], resumed["val_miou_crf"]) == (summary["val_miou"], summary["val_miou_crf"])
 

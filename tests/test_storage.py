@@ -7,8 +7,9 @@ import json
 import pytest
 
 from acr.cli import parse_job_args
-from acr.distributed.storage import RAY_SNAPSHOT, RunFolder
-from acr.distributed.trainer import resume_point
+from acr.config import ConfigError
+from acr.storage import RAY_SNAPSHOT, RunFolder
+from acr.runtime.session import resume_point
 
 
 def test_a_uri_run_folder_is_rays_storage_path_and_name():
@@ -40,11 +41,11 @@ def test_a_local_run_folder_and_its_resume_point(tmp_path):
         resume_point(f)
 
 
-def test_only_train_py_takes_a_uri_output(tmp_path, capsys):
+def test_only_the_jobs_that_write_a_uri_take_one(tmp_path):
     _, out, _ = parse_job_args("d", None, ["--output-dir", "s3://b/runs/x", "train.epochs=2"], uri_output=True)
     assert out == "s3://b/runs/x"
     _, out, args = parse_job_args("d", None, ["--output-dir", str(tmp_path / "x")], uri_output=True)
     assert out == tmp_path / "x" and args.output_dir == tmp_path / "x"
-    with pytest.raises(SystemExit) as exc:
-        parse_job_args("d", None, ["--output-dir", "s3://b/runs/x"])
-    assert exc.value.code == 2 and "only ray_jobs/train.py writes to a URI" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="the prepare_data job writes a local .* train.py, pseudo_labels.py and "
+                                          "segment.py write to a URI"):
+        parse_job_args("d", None, ["--output-dir", "s3://b/runs/x"], job="prepare_data")

@@ -177,3 +177,12 @@ def eval_item(row: dict, num_classes: int, where: str) -> dict:
         raise ValueError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]}, image {raw.shape[1]}x{raw.shape[0]}")
     return {"id": row["id"], "raw": raw, "image": torch.from_numpy(to_chw_normalized(raw)),
             "labels": torch.from_numpy(np.asarray(row["labels"], np.float32)), "mask": mask}
+
+
+def labelled_rows(uri: str, manifest: dict, split: str, max_images: int | None, num_classes: int):
+    """(id, ground-truth mask, row) of each image of `split` (the first `max_images` by index) that has a mask."""
+    for row in EvalRows(uri, manifest, split).iter_rows():
+        if max_images is not None and row["index"] >= max_images:
+            continue
+        if row.get("mask") is not None:
+            yield row["id"], decode_mask_bytes(row["mask"], f"mask of '{row['id']}' in {uri}", num_classes), row

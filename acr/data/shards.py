@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from acr.data.voc import DECODE_ERRORS, DataError, load_image, read_class_names, read_voc_split, voc_palette
+from acr.storage import write_atomically
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -188,9 +187,7 @@ def write_shards(fmt: str, root: Path, out: Path, num_classes: int, shard_rows: 
             stale.unlink()  # the source shrank
         manifest["splits"][split] = {"rows": rows, "masks": sum(s["masks"] for s in shards), "shards": shards,
                                      "skipped": skipped}
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    write_atomically(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -220,10 +217,8 @@ def _write_chunk(path: Path, chunk: list[SourceItem], first_index: int, num_clas
             cols[name].append(value)
     info = {"fingerprint": fingerprint, "skipped": skipped, "masks": sum(m is not None for m in cols["mask"])}
     table = pa.table(cols, schema=SCHEMA.with_metadata({INFO_KEY: json.dumps(info).encode()}))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    os.close(fd)
-    pq.write_table(table, tmp, row_group_size=1, compression="none")  # images are compressed already
-    os.replace(tmp, path)
+    # no compression: the images are compressed already
+    write_atomically(path, lambda f: pq.write_table(table, f, row_group_size=1, compression="none"))
     return info
 
 

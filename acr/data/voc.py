@@ -25,15 +25,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from acr.errors import DataError
+
+
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 ]
 IGNORE = 255
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, image id or key."""
 
 
 # What decoding untrusted bytes with PIL raises: OSError (not an image, truncated), SyntaxError and ValueError

@@ -1,4 +1,5 @@
-"""SGD with poly learning rate and the released code's parameter groups."""
+"""Optimisers of every training loop: SGD with the released code's parameter groups, the one poly learning rate
+schedule, and the one non-finite-loss policy (:func:`guarded_step`, `train.max_consecutive_nonfinite`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from acr.config import OptimConfig
+from acr.errors import NonFiniteLossError
 from acr.method.schedules import poly_factor
 
 # (multiplier of lr, weight decay on?) per group of the released code (`get_parameter_groups`).
@@ -73,3 +75,25 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max
     for g in optimizer.param_groups:
         g["lr"] = base_lr * g["lr_mult"] * f
     return f
+
+
+def guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, reduce_mean, counters, limit: int,
+                 what: str = "ACR") -> tuple[float, bool]:
+    """Backward, then the optimiser step only if the loss averaged over the workers is finite (the released code
+    skips such steps; every worker takes the same decision). `counters` (consecutive_nonfinite, skipped_steps) count
+    the skips; more than `limit` in a row raise NonFiniteLossError (the last good checkpoint stays). Returns the
+    all-reduced loss, in the loss's own precision (fp64 stays fp64; bf16 is promoted), and whether it stepped."""
+    loss.backward()
+    value = reduce_mean(loss.detach().to(torch.promote_types(loss.dtype, torch.float32)))
+    ok = bool(torch.isfinite(value))
+    if ok:
+        optimizer.step()
+        counters.consecutive_nonfinite = 0
+    else:
+        counters.skipped_steps += 1
+        counters.consecutive_nonfinite += 1
+        if counters.consecutive_nonfinite > limit:
+            raise NonFiniteLossError(f"{counters.consecutive_nonfinite} consecutive non-finite losses ({what}, last "
+                                     f"{value.item()}; train.max_consecutive_nonfinite={limit}): stopping. The last "
+                                     "good checkpoint is kept.")
+    return float(value), ok

@@ -13,11 +13,9 @@ from torch import nn
 
 from acr.config import Config
 from acr.method.acr import Batch, cu_phase, ru_phase, sample_target
-from acr.method.optim import reconstructor_base_lr, set_poly_lr
+from acr.method.optim import guarded_step, reconstructor_base_lr, set_poly_lr
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -40,24 +38,6 @@ def memory_layout(cfg: Config) -> torch.memory_format:
     return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
-def _guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, reduce_mean, counters: StepCounters,
-                  limit: int) -> tuple[float, bool]:
-    loss.backward()
-    # in the loss's own precision (fp64 stays fp64; bf16 is promoted), so the reported total is the one minimised
-    value = reduce_mean(loss.detach().to(torch.promote_types(loss.dtype, torch.float32)))
-    ok = bool(torch.isfinite(value))
-    if ok:
-        optimizer.step()
-        counters.consecutive_nonfinite = 0
-    else:
-        counters.skipped_steps += 1
-        counters.consecutive_nonfinite += 1
-        if counters.consecutive_nonfinite > limit:
-            raise NonFiniteLossError(f"{counters.consecutive_nonfinite} consecutive non-finite losses (last "
-                                     f"{value.item()}); stopping. The last good checkpoint is kept.")
-    return float(value), ok
-
-
 def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: torch.optim.Optimizer,
                opt_rec: torch.optim.Optimizer | None, batch: dict, cfg: Config, q: float, max_step: int,
                counters: StepCounters, reduce_mean: Callable[[torch.Tensor], torch.Tensor], device: torch.device
@@ -74,7 +54,7 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
         with autocast_context(device, cfg.train.precision):
             loss_ru, s = ru_phase(classifier, reconstructor, b, cfg.method, q)
         stats.update(s)
-        out["ru/loss"], ok = _guarded_step(loss_ru, opt_rec, reduce_mean, counters, limit)
+        out["ru/loss"], ok = guarded_step(loss_ru, opt_rec, reduce_mean, counters, limit)
         opt_rec.zero_grad(set_to_none=True)  # G's gradients are not needed (nor kept in memory) during CU
         counters.rec_steps += ok
     if not cfg.method.train_classifier:  # reconstructor pre-training against a frozen classifier
@@ -88,7 +68,7 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
     with autocast_context(device, cfg.train.precision):
         loss_cu, s = cu_phase(classifier, adversary, b, cfg.method)
     stats.update(s)
-    out["cu/loss"], ok = _guarded_step(loss_cu, opt_cls, reduce_mean, counters, limit)
+    out["cu/loss"], ok = guarded_step(loss_cu, opt_cls, reduce_mean, counters, limit)
     opt_cls.zero_grad(set_to_none=True)
     counters.cls_steps += ok
     for k, v in stats.items():

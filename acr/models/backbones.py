@@ -19,9 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-
-class ConfigurationError(ValueError):
-    """A model option that does not exist or does not fit."""
+from acr.errors import ConfigError
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,7 +142,7 @@ class TorchvisionResNet(nn.Module):
         elif output_stride == 16:
             _dilate_layer(net.layer4, 2)
         else:
-            raise ConfigurationError(f"model.output_stride must be 8 or 16, got {output_stride}")
+            raise ConfigError(f"model.output_stride must be 8 or 16, got {output_stride}")
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         expansion = 4 if name in ("resnet50", "resnet101") else 1
@@ -166,11 +164,11 @@ BACKBONES = ("resnet38d", "resnet50", "resnet101", "resnet18")
 def build_backbone(name: str, output_stride: int = 8, dropout: bool = True) -> nn.Module:
     if name == "resnet38d":
         if output_stride != 8:
-            raise ConfigurationError(f"resnet38d has output stride 8 only, got model.output_stride={output_stride}")
+            raise ConfigError(f"resnet38d has output stride 8 only, got model.output_stride={output_stride}")
         return ResNet38d(dropout=0.2 if dropout else 0.0)
     if name in ("resnet18", "resnet50", "resnet101"):
         return TorchvisionResNet(name, output_stride)
-    raise ConfigurationError(f"unknown model.backbone '{name}' (available: {', '.join(BACKBONES)})")
+    raise ConfigError(f"unknown model.backbone '{name}' (available: {', '.join(BACKBONES)})")
 
 
 def freeze_batchnorm(module: nn.Module) -> None:

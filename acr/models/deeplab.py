@@ -66,10 +66,10 @@ class DeepLab(nn.Module):
         return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
     def param_groups(self, lr: float, head_multiplier: float) -> list[dict]:
-        """Backbone at lr, head at lr x head_multiplier (trainable parameters only)."""
-        return [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr, "base_lr": lr},
-                {"params": list(self.head.parameters()), "lr": lr * head_multiplier,
-                 "base_lr": lr * head_multiplier}]
+        """Backbone at lr, head at lr x head_multiplier (trainable parameters only); `lr_mult` is what the poly
+        schedule scales (acr.method.optim.set_poly_lr)."""
+        return [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr, "lr_mult": 1.0},
+                {"params": list(self.head.parameters()), "lr": lr * head_multiplier, "lr_mult": head_multiplier}]
 
 
 def init_backbone_from_checkpoint(model: DeepLab, state: dict, where: str) -> None:

@@ -14,15 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from acr.errors import WeightsError
+
 _LIST_MAGIC = 0x112
 _V1_MAGIC = 0xF993FAC8
 _V2_MAGIC = 0xF993FAC9
 _V3_MAGIC = 0xF993FACA
 _DTYPES = {0: np.float32, 1: np.float64, 2: np.float16, 3: np.uint8, 4: np.int32, 5: np.int8, 6: np.int64}
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be read or does not fit the model; names the file."""
 
 
 class _Reader:

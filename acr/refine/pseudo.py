@@ -1,7 +1,7 @@
-"""Per-image steps of the pseudo-label job, without Ray (acr/distributed/batch.py runs them over a dataset).
+"""Per-image steps of the pseudo-label job, without Ray (acr.pseudo runs them over a dataset).
 
-Each step reads and writes one file per image under the job's folder, written under a temporary name and renamed,
-so a rerun skips every image whose file exists (`is_done`) and a killed job leaves no partial file:
+The job (acr.pseudo) keeps one file per image and kind in its folder (acr.runtime.stages.ImageFiles); these functions
+encode and decode them:
 
     cams/<id>.npz        multi-scale + flip CAMs of the image's labelled classes (float16, full resolution), `keys`
     crf/<id>.png         the +CRF level: CAMs with a constant background score, refined by the dense CRF
@@ -14,8 +14,6 @@ PNGs are palette-indexed with the VOC palette, the size of the image.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,83 +21,75 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from acr.data.voc import voc_palette
+from acr.data.voc import DECODE_ERRORS, DataError, voc_palette
 from acr.refine.crf import CRFParams, LabelCRFParams, crf_inference
 from acr.refine.irn import IRNet, confident_labels, labels_from_walk, propagate
 
 CAMS, CRF, IR_LABELS, MASKS = "cams", "crf", "ir_labels", "masks"
-SUFFIX = {CAMS: ".npz"}  # every other kind of file (masks, DeepLab's predictions) is a .png
+SUFFIXES = {CAMS: ".npz"}  # every other kind of file (masks, DeepLab's predictions) is a .png
 
 
-def output_path(out: Path, kind: str, image_id: str) -> Path:
-    return Path(out) / kind / f"{image_id}{SUFFIX.get(kind, '.png')}"
-
-
-def is_done(out: Path, kind: str, image_id: str) -> bool:
-    return output_path(out, kind, image_id).is_file()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def write_label_png(path: Path, labels: np.ndarray) -> None:
+def label_png_bytes(labels: np.ndarray) -> bytes:
     """HxW uint8 label map -> palette PNG (VOC colours, 255 = void)."""
     png = Image.fromarray(np.asarray(labels, np.uint8), mode="P")
     png.putpalette(voc_palette())
     buf = io.BytesIO()
     png.save(buf, format="PNG")
-    write_atomically(Path(path), buf.getvalue())
+    return buf.getvalue()
 
 
-def read_label_png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode != "P":
-            raise ValueError(f"{path}: expected a palette-indexed PNG, got mode {im.mode}")
-        return np.asarray(im, np.uint8)
-
-
-def load_label_map(path: Path, shape: tuple[int, int], num_classes: int) -> np.ndarray:
-    """A training label map given by the user or a pseudo-label job: a palette or greyscale PNG of the image's size
-    with values 0 (background), 1..num_classes, or 255 (ignore). Anything else is a DataError naming the file."""
-    from acr.data.voc import DECODE_ERRORS, DataError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"label map {path} is missing")
+def read_label_png(data: bytes | str | Path, where: str = "") -> np.ndarray:
+    """A palette PNG written by :func:`label_png_bytes` (its bytes, or a local path) -> HxW uint8 label map."""
+    if not where:
+        where = "a label PNG" if isinstance(data, bytes) else str(data)
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
+            if im.mode != "P":
+                raise DataError(f"{where}: expected a palette-indexed PNG, got mode {im.mode}")
+            return np.asarray(im, np.uint8)
+    except DataError:
+        raise
+    except DECODE_ERRORS as exc:
+        raise DataError(f"{where}: not a readable PNG label map ({exc})") from exc
+
+
+def load_label_map(data: bytes | None, where: str, shape: tuple[int, int], num_classes: int) -> np.ndarray:
+    """A training label map given by the user or a pseudo-label job (its bytes; None: missing): a palette or
+    greyscale PNG of the image's size with values 0 (background), 1..num_classes, or 255 (ignore). Anything else
+    is a DataError naming the file."""
+    if data is None:
+        raise DataError(f"label map {where} is missing")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             if im.mode not in ("P", "L"):
-                raise DataError(f"{path}: a label map must be a palette or greyscale PNG of class indices, got mode "
-                                f"{im.mode}")
+                raise DataError(f"{where}: a label map must be a palette or greyscale PNG of class indices, got "
+                                f"mode {im.mode}")
             labels = np.asarray(im, np.uint8)
     except DataError:
         raise
     except DECODE_ERRORS as exc:
-        raise DataError(f"{path}: not a readable PNG label map ({exc})") from exc
+        raise DataError(f"{where}: not a readable PNG label map ({exc})") from exc
     if labels.shape != tuple(shape):
-        raise DataError(f"{path}: label map is {labels.shape[1]}x{labels.shape[0]} (w x h), the image is "
+        raise DataError(f"{where}: label map is {labels.shape[1]}x{labels.shape[0]} (w x h), the image is "
                         f"{shape[1]}x{shape[0]}")
     bad = np.setdiff1d(np.unique(labels), np.r_[np.arange(num_classes + 1), 255])
     if bad.size:
-        raise DataError(f"{path}: class id(s) {bad.tolist()} beyond the class count {num_classes} (0 background, "
+        raise DataError(f"{where}: class id(s) {bad.tolist()} beyond the class count {num_classes} (0 background, "
                         "255 ignore)")
     return labels
 
 
-def save_cams(path: Path, cams: np.ndarray, keys: np.ndarray) -> None:
-    """cams (K, H, W) of the K labelled classes `keys` (class indices, 0-based), stored as float16."""
+def cams_bytes(cams: np.ndarray, keys: np.ndarray) -> bytes:
+    """cams (K, H, W) of the K labelled classes `keys` (class indices, 0-based) as an .npz, in float16."""
     buf = io.BytesIO()
     np.savez_compressed(buf, cams=cams.astype(np.float16), keys=np.asarray(keys, np.int64))
-    write_atomically(Path(path), buf.getvalue())
+    return buf.getvalue()
 
 
-def load_cams(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as d:
+def load_cams(data: bytes | str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(cams float32, keys) of :func:`cams_bytes` output (its bytes, or a local path)."""
+    with np.load(io.BytesIO(data) if isinstance(data, bytes) else data) as d:
         return d["cams"].astype(np.float32), d["keys"]
 
 

@@ -1,1 +1,0 @@
-"""Ray glue: the per-worker training loop and the TorchTrainer driver."""

@@ -1,0 +1,134 @@
+"""Starting or joining Ray, sized for the job at hand.
+
+A job joins the cluster named by `ray.address` or RAY_ADDRESS (e.g. under `ray job submit`); otherwise it starts a
+Ray of its own, on this machine only (never one that another `ray start` left running: `address="local"`), with as
+many logical CPUs as its workers, actors and Ray Data tasks need at once (:func:`job_cpus`). Ray Data's tasks need
+CPUs of their own or they never run while the training workers hold theirs (a silent deadlock); the logical count may
+exceed the cores, the OS shares them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+
+import ray
+import torch
+
+from acr.config import Config, stage_workers
+
+log = logging.getLogger(__name__)
+
+# Ray Train V2 polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and each report() waits for a poll.
+# Its print patch would log every progress line of the workers twice (once as stdout, once through logging).
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+# A custom Ray resource, one unit per Tune trial that fits at once. Tune sees only a trial's driver (0.1 CPU; the
+# trial's TorchTrainer reserves its workers itself), so when a search is resumed Tune would restart every unfinished
+# trial at once (its concurrency limit applies to new trials only), their workers would take every CPU and their data
+# streams would wait forever. A local Ray started for a search has these slots; on a cluster give them to `ray start`
+# (--resources='{"acr_trial_slot": N}').
+TRIAL_SLOT = "acr_trial_slot"
+
+# Loggers of Ray's that report known-harmless conditions of a Ray this job started itself, with a traceback:
+# - Train's autoscaling client asks Ray Data's autoscaling coordinator (an actor) for the workers' resources and
+#   gives up after 5 s when the coordinator is slow to start (a loaded machine): a 17-line GetTimeoutError that
+#   changes nothing, since a local Ray has no autoscaler to ask (on a joined cluster the warning is kept);
+# - without the dashboard Ray's state API is absent, and Train's placement-group cleaner logs every second that it
+#   cannot query it (a search always runs with the dashboard, where the cleaner works).
+QUIET_LOCAL_LOGGERS = ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+                       "ray.train.v2._internal.execution.controller.placement_group_cleaner")
+
+
+def quiet_local_ray() -> None:
+    """Worker setup hook of a Ray the job started: see QUIET_LOCAL_LOGGERS."""
+    for name in QUIET_LOCAL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _train_cpus(cfg: Config, workers: int) -> float:
+    """One ACR training run: its workers, its Ray Data decode actors and one CPU for Ray Data's small tasks."""
+    return workers * cfg.scaling.cpus_per_worker + cfg.data.decode_actors * cfg.data.decode_cpus + 1
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What one Tune trial holds: its driver and one training run."""
+    s = cfg.scaling
+    return {"CPU": cfg.tune.trial_cpus + _train_cpus(cfg, s.num_workers),
+            "GPU": float(s.num_workers) if s.use_gpu else 0.0}
+
+
+def concurrent_trials(cfg: Config, resources: dict) -> int:
+    """tune.max_concurrent, or where null as many trials as the cluster's CPUs (and GPUs, where used) hold."""
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    need = trial_resources(cfg)
+    n = int(resources.get("CPU", 0) // need["CPU"])
+    if need["GPU"]:
+        n = min(n, int(resources.get("GPU", 0) // need["GPU"]))
+    return max(1, n)
+
+
+def job_cpus(cfg: Config, job: str, trials: int = 1) -> int:
+    """Logical CPUs a local Ray needs for `job` (train, tune, pseudo_labels, segment, pipeline): the most that its
+    stages hold at once, and never fewer than this machine's cores."""
+    cores = os.cpu_count() or 1
+    s = cfg.scaling
+    if job == "train":
+        return int(math.ceil(max(cores, s.num_workers * s.cpus_per_worker) + _train_cpus(cfg, 0)))
+    if job == "tune":
+        return int(math.ceil(max(cores, trials * trial_resources(cfg)["CPU"])))
+    if job == "pseudo_labels":
+        ps = cfg.pseudo
+        irn = stage_workers(cfg, "irn") * s.cpus_per_worker + ps.actor_cpus + 1
+        return max(job_cpus(cfg, "train"), int(math.ceil(max(irn, ps.actors * ps.actor_cpus + 1))))
+    if job == "segment":
+        sg = cfg.segment
+        need = stage_workers(cfg, "segment") * s.cpus_per_worker + max(sg.actors, 1) * sg.actor_cpus + 1
+        return max(job_cpus(cfg, "train"), int(math.ceil(need)))
+    if job == "pipeline":
+        first = "tune" if cfg.pipeline.search else "train"
+        return max(job_cpus(cfg, j, trials) for j in (first, "pseudo_labels", "segment"))
+    raise ValueError(f"unknown job {job!r}")
+
+
+def init_ray(cfg: Config, job: str = "train", trials: int = 0) -> None:
+    """Join the cluster named by `ray.address` or RAY_ADDRESS, else start a local Ray sized for `job` (for a search,
+    `trials` concurrent Tune trials). Does nothing if this process is connected already."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    for k, v in runtime_env["env_vars"].items():
+        os.environ.setdefault(k, v)
+    runtime_env["worker_process_setup_hook"] = "acr.runtime.cluster.quiet_local_ray"
+    quiet_local_ray()
+    # Tune stops a trial (ASHA, or at its last epoch) by killing its driver, and with it Train's controller; the
+    # worker group's placement group is then removed by Train's cleaner, which asks the state API, served by the
+    # dashboard. Without it every stopped trial leaks its workers' CPUs and the next trial's data stream waits
+    # forever for a CPU. So a search always runs with the dashboard.
+    dashboard = cfg.ray.include_dashboard or trials > 0
+    options: dict = {}
+    if dashboard:
+        # Train's cleaner finds the state API through RAY_API_SERVER_ADDRESS, else it looks for "the" local Ray and
+        # fails ("Found multiple active Ray instances") where other Ray instances run on the machine: every stopped
+        # trial would leak its CPUs as above. So the dashboard gets a free port, and every worker its address.
+        options["dashboard_port"] = free_port()
+        runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
+    num_cpus = cfg.ray.num_cpus or job_cpus(cfg, job, max(trials, 1))
+    if trials:  # Tune sees a trial's driver only (0.1 CPU): this resource caps the trials at once
+        gpus = torch.cuda.device_count() if cfg.scaling.use_gpu else 0
+        options["resources"] = {TRIAL_SLOT: concurrent_trials(cfg, {"CPU": num_cpus, "GPU": gpus})}
+    log.info("starting a local Ray with %d logical CPUs", num_cpus)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env, **options)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
