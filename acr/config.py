@@ -17,6 +17,11 @@ from typing import Any, Literal
 import yaml
 
 from acr.errors import ConfigError
+from acr.registry import BACKBONES, DATASET_FORMATS
+
+# The names a config may give (acr.registry's tables).
+BackboneName = Literal[tuple(BACKBONES)]
+DatasetFormat = Literal[tuple(DATASET_FORMATS)]
 
 
 
@@ -44,7 +49,7 @@ class DataConfig:
     # Where the images come from. Training always reads Parquet shards (acr.data.shards): `data.shards` names prepared
     # ones (a folder or an s3:// URI with manifest.json); otherwise the `format` folder at `root` is converted first,
     # into `cache_dir` (reused while the source is unchanged).
-    format: Literal["synthetic", "voc", "coco"] = "synthetic"
+    format: DatasetFormat = "synthetic"
     # Dataset root. For `synthetic` it may stay null: the dataset is generated into cache_dir and reused.
     root: str | None = None
     # Prepared shards (ray_jobs/prepare_data.py output: a folder or URI holding manifest.json). Overrides format/root.
@@ -84,7 +89,7 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["resnet38d", "resnet50", "resnet101", "resnet18"] = "resnet38d"
+    backbone: BackboneName = "resnet38d"
     output_stride: Literal[8, 16] = 8
     # ImageNet weights: a torchvision state dict (.pth) for resnets; an MXNet `.params` or converted `.pth` for
     # resnet38d. null = random init. Never downloaded.
@@ -218,7 +223,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = True
-    split: str = "train"
+    # The split whose CAM scores are reported (it must have masks; the VOC presets use train, as the paper's tables;
+    # a search selects its trials on tune.select_split, which must be another split).
+    split: str = "val"
     scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     flip: bool = True
     # Background threshold sweep: start, stop (inclusive), step.
@@ -326,7 +333,7 @@ class SegmentConfig:
     # `aspp_v2`: DeepLab-v2's ASPP (3x3 convs at rates 6/12/18/24 to class scores, summed), the paper's DeepLab on
     # ResNet-38. `aspp_v3`: torchvision's DeepLabV3 head (ASPP with image pooling, 256 channels).
     head: Literal["aspp_v2", "aspp_v3"] = "aspp_v2"
-    backbone: Literal["resnet38d", "resnet50", "resnet101", "resnet18"] = "resnet38d"
+    backbone: BackboneName = "resnet38d"
     output_stride: Literal[8, 16] = 8
     # ImageNet weights for the backbone (a file, as model.pretrained); never downloaded.
     pretrained: str | None = None
@@ -547,8 +554,10 @@ def _read_yaml(path: Path, reference: dict, seen: tuple = ()) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, job: str = "train") -> Config:
-    """Defaults <- YAML file (and the files it names as `base`) <- `key=value` overrides, validated for `job`."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                job: str | None = "train") -> Config:
+    """Defaults <- YAML file (and the files it names as `base`) <- `key=value` overrides, validated for `job`
+    (None: keys and types only)."""
     tree = to_dict(Config())
     if path is not None:
         _merge(tree, _read_yaml(Path(path), tree))
@@ -556,7 +565,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _check_keys({key: value}, tree, "", "command line", dotted=True)
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree)
-    validate(cfg, job)
+    if job is not None:
+        validate(cfg, job)
     return cfg
 
 
@@ -592,6 +602,12 @@ def _need(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _need_stride(section: str, backbone: str, stride: int) -> None:
+    strides = BACKBONES[backbone].output_strides
+    _need(stride in strides, f"{section}.backbone={backbone} has output stride {' or '.join(map(str, strides))} only, "
+          f"got {section}.output_stride={stride}")
+
+
 def _scaling_rules(cfg: Config) -> None:
     s = cfg.scaling
     _need(s.num_workers >= 1, f"scaling.num_workers must be >= 1, got {s.num_workers}")
@@ -624,8 +640,7 @@ def _network_rules(cfg: Config) -> None:
     _need(2 <= m.decoder_depth <= 12, f"model.decoder_depth must be in 2..12, got {m.decoder_depth}")
     _need(len(m.encoder_taps) == len(m.encoder_tap_channels) and m.encoder_taps,
           "model.encoder_taps and model.encoder_tap_channels must be non-empty lists of the same length")
-    _need(m.backbone != "resnet38d" or m.output_stride == 8,
-          f"model.backbone=resnet38d has output stride 8 only, got model.output_stride={m.output_stride}")
+    _need_stride("model", m.backbone, m.output_stride)
     _need(a.crop_size >= 1, f"augment.crop_size must be >= 1, got {a.crop_size}")
     _need(len(a.resize_range) == 2 and 0 < a.resize_range[0] <= a.resize_range[1],
           f"augment.resize_range must be [low, high] with 0 < low <= high, got {a.resize_range}")
@@ -722,8 +737,7 @@ def _segment_rules(cfg: Config) -> None:
     _need(sg.eval_scales and all(s > 0 for s in sg.eval_scales), f"segment.eval_scales must be positive, got "
           f"{sg.eval_scales}")
     _need(sg.actors >= 1 and sg.actor_cpus > 0, "segment.actors must be >= 1 and segment.actor_cpus > 0")
-    _need(sg.backbone != "resnet38d" or sg.output_stride == 8,
-          f"segment.backbone=resnet38d has output stride 8 only, got segment.output_stride={sg.output_stride}")
+    _need_stride("segment", sg.backbone, sg.output_stride)
     _need(not (sg.pretrained and sg.init_backbone), "segment.pretrained and segment.init_backbone both set: choose one")
     _need(sg.checkpoint_every_steps is None or sg.checkpoint_every_steps >= 1,
           f"segment.checkpoint_every_steps must be >= 1 or null, got {sg.checkpoint_every_steps}")

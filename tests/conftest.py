@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.rayhead import BYSTANDER, RayHead
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ACR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -34,7 +36,7 @@ def ray_local():
     actor and Ray's own tasks never wait on each other on a 2-core machine."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # a Ray of its own, never another one
     yield
     ray.shutdown()
 
@@ -53,3 +55,23 @@ TINY_OVERRIDES = [
     "synthetic.image_size=128", "synthetic.train_images=32", "synthetic.val_images=8",
     "eval.split=val", "eval.scales=[1.0]", "eval.overlays=2", "model.bn_calibration_images=8",
 ]
+
+
+# A Ray instance the suite did not start and must leave running ("outside the suite"): started by .ci/run before
+# `make test` (its process group in ACR_BYSTANDER_RAY_PGID), else here once the test that checks it is collected.
+# tests/test_zz_other_ray_survives.py (collected last) checks that it is still alive after every other test.
+
+
+def pytest_collection_finish(session):
+    if not any(item.nodeid.startswith("tests/test_zz_other_ray_survives.py") for item in session.items):
+        return
+    if os.environ.get("ACR_BYSTANDER_RAY_PGID"):
+        BYSTANDER["pgid"] = int(os.environ["ACR_BYSTANDER_RAY_PGID"])
+        return
+    BYSTANDER["head"] = RayHead(num_cpus=1)
+    BYSTANDER["pgid"] = BYSTANDER["head"].pgid
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "head" in BYSTANDER:
+        BYSTANDER.pop("head").stop()

@@ -43,8 +43,7 @@ def test_shipped_spaces_fit_their_configs():
     demo = load_space(REPO / "search_spaces/demo.yaml", load_config(REPO / "configs/demo.yaml"))
     assert demo["method.srf.grid_size"] == ("categorical", [4, 8, 16])
     full = load_space(REPO / "search_spaces/acr.yaml", load_config(REPO / "configs/voc_official.yaml",
-                                                                    ["data.root=/nonexistent",
-                                                                     "tune.select_split=val"]))
+                                                                    ["data.root=/nonexistent"]))
     assert {"method.srf.q_start", "method.ru_target_weight", "method.cu_nontarget_weight", "optim.lr"} <= set(full)
 
 

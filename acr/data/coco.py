@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pycocotools.coco import COCO
 
 from acr.data.voc import IGNORE, DataError
 
@@ -73,8 +74,6 @@ class CocoSplit:
     """One COCO split: its images with labels, and their semantic masks on demand."""
 
     def __init__(self, root: str | Path, split: str, num_classes: int, crowd: str = "ignore"):
-        from pycocotools.coco import COCO
-
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data.root {self.root} is not a directory")

@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import ray.data
+import torch
 
 from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes, iter_split_rows
 from acr.data.transforms import to_chw_normalized, train_transform
@@ -138,8 +140,6 @@ def augment_kwargs(cfg) -> dict:
 
 def train_dataset(uri: str, manifest: dict, plan: TrainPlan, cfg, num_classes: int):
     """The training stream (see the module docstring)."""
-    import ray.data
-
     per_worker = plan.batch_size // plan.world
     # Decode in calls of ~64 rows (fewer, larger Ray tasks and blocks); the repartition then cuts exact B/W blocks.
     per_call = max(per_worker, 64)
@@ -169,8 +169,6 @@ class EvalRows:
 
 def eval_item(row: dict, num_classes: int, where: str) -> dict:
     """A read_parquet row of the eval split -> what CAM evaluation needs (raw image, normalised tensor, labels, mask)."""
-    import torch
-
     raw = decode_image_bytes(row["image"], where)
     mask = decode_mask_bytes(row["mask"], where, num_classes) if row.get("mask") is not None else None
     if mask is not None and mask.shape != raw.shape[:2]:

@@ -30,7 +30,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
+from tqdm import tqdm
 
+from acr.data.coco import CocoSplit, coco_splits
+from acr.registry import DATASET_FORMATS
 from acr.data.voc import DECODE_ERRORS, DataError, load_image, read_class_names, read_voc_split, voc_palette
 from acr.storage import write_atomically
 
@@ -72,34 +75,46 @@ def _voc_splits(root: Path) -> list[str]:
     return [p.stem for p in lists]
 
 
-def read_source(fmt: str, root: Path, num_classes: int, splits: list[str] | None = None, labels: str = "auto",
-                labels_file: str | None = None, coco_crowd: str = "ignore") -> tuple[list[str], dict[str, list[SourceItem]]]:
-    """(class names, {split: items}) of a dataset folder; `splits` None = every split the source defines."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data.root {root} is not a directory")
+def _coco_source(root: Path, num_classes: int, splits, labels, labels_file, coco_crowd):
     out: dict[str, list[SourceItem]] = {}
-    if fmt == "coco":
-        from acr.data.coco import CocoSplit, coco_splits
+    names: list[str] = []
+    for split in splits or coco_splits(root):
+        cs = CocoSplit(root, split, num_classes, coco_crowd)
+        names = cs.class_names
+        out[split] = [SourceItem(im.id, im.image_path, im.classes,
+                                 (lambda cs=cs, im=im: encode_mask_png(cs.mask(im))), (im.image_path,))
+                      for im in cs.images]
+    if not out:
+        raise DataError(f"{root}: no COCO split found (annotations/instances_<split>.json beside a <split>/ folder)")
+    return names, out
 
-        names: list[str] = []
-        for split in splits or coco_splits(root):
-            cs = CocoSplit(root, split, num_classes, coco_crowd)
-            names = cs.class_names
-            out[split] = [SourceItem(im.id, im.image_path, im.classes,
-                                     (lambda cs=cs, im=im: encode_mask_png(cs.mask(im))), (im.image_path,))
-                          for im in cs.images]
-        if not out:
-            raise DataError(f"{root}: no COCO split found (annotations/instances_<split>.json beside a <split>/ folder)")
-        return names, out
-    names = read_class_names(root)
+
+def _voc_source(root: Path, num_classes: int, splits, labels, labels_file, coco_crowd):
+    out: dict[str, list[SourceItem]] = {}
     for split in splits or _voc_splits(root):
         recs = read_voc_split(root, split, num_classes, labels=labels, labels_file=labels_file)
         out[split] = [SourceItem(r.id, r.image_path, r.classes,
                                  (lambda p=r.mask_path: p.read_bytes() if p is not None else None),
                                  tuple(p for p in (r.image_path, r.mask_path) if p is not None))
                       for r in recs]
-    return names, out
+    return read_class_names(root), out
+
+
+# data.format -> the reader of its folder (the embedded dataset is generated in VOC layout); one per acr.registry
+# DATASET_FORMATS entry.
+SOURCES = {"synthetic": _voc_source, "voc": _voc_source, "coco": _coco_source}
+assert set(SOURCES) == set(DATASET_FORMATS), "acr.registry.DATASET_FORMATS and the readers disagree"
+
+
+def read_source(fmt: str, root: Path, num_classes: int, splits: list[str] | None = None, labels: str = "auto",
+                labels_file: str | None = None, coco_crowd: str = "ignore") -> tuple[list[str], dict[str, list[SourceItem]]]:
+    """(class names, {split: items}) of a dataset folder; `splits` None = every split the source defines."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root {root} is not a directory")
+    if fmt not in SOURCES:
+        raise DataError(f"unknown data.format '{fmt}' (known: {', '.join(SOURCES)})")
+    return SOURCES[fmt](root, num_classes, splits, labels, labels_file, coco_crowd)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,8 +162,6 @@ def write_shards(fmt: str, root: Path, out: Path, num_classes: int, shard_rows: 
 
     Every image is decoded once to check it (and to record its size); a corrupt image or mask raises DataError naming
     the file, or with `skip_corrupt` is left out and listed under the split's `skipped`."""
-    from tqdm import tqdm
-
     root, out = Path(root).expanduser().resolve(), Path(out).expanduser().resolve()
     _check_outside(out, root)
     names, source = read_source(fmt, root, num_classes, splits, labels, labels_file, coco_crowd)

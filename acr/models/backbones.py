@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 from acr.errors import ConfigError
+from acr.registry import BACKBONES
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -158,17 +159,28 @@ class TorchvisionResNet(nn.Module):
         return {"stage3": s3, "stage4": s4, "stage5": s5, "final": self.layer4(s5)}
 
 
-BACKBONES = ("resnet38d", "resnet50", "resnet101", "resnet18")
+def _resnet38d(output_stride: int, dropout: bool) -> nn.Module:
+    return ResNet38d(dropout=0.2 if dropout else 0.0)
+
+
+def _torchvision(name: str):
+    return lambda output_stride, dropout: TorchvisionResNet(name, output_stride)
+
+
+# acr.registry.BACKBONES name -> builder(output_stride, dropout)
+BUILDERS = {"resnet38d": _resnet38d, "resnet50": _torchvision("resnet50"), "resnet101": _torchvision("resnet101"),
+            "resnet18": _torchvision("resnet18")}
+assert set(BUILDERS) == set(BACKBONES), "acr.registry.BACKBONES and the builders disagree"
 
 
 def build_backbone(name: str, output_stride: int = 8, dropout: bool = True) -> nn.Module:
-    if name == "resnet38d":
-        if output_stride != 8:
-            raise ConfigError(f"resnet38d has output stride 8 only, got model.output_stride={output_stride}")
-        return ResNet38d(dropout=0.2 if dropout else 0.0)
-    if name in ("resnet18", "resnet50", "resnet101"):
-        return TorchvisionResNet(name, output_stride)
-    raise ConfigError(f"unknown model.backbone '{name}' (available: {', '.join(BACKBONES)})")
+    """The backbone `name` of acr.registry.BACKBONES at `output_stride` (one it supports)."""
+    if name not in BUILDERS:
+        raise ConfigError(f"unknown model.backbone '{name}' (available: {', '.join(BACKBONES)})")
+    if output_stride not in BACKBONES[name].output_strides:
+        strides = " or ".join(map(str, BACKBONES[name].output_strides))
+        raise ConfigError(f"{name} has output stride {strides} only, got model.output_stride={output_stride}")
+    return BUILDERS[name](output_stride, dropout)
 
 
 def freeze_batchnorm(module: nn.Module) -> None:

@@ -16,6 +16,7 @@ import socket
 
 import ray
 import torch
+from ray._private.services import find_gcs_addresses  # Ray 2.60 (pinned): the GCS processes on this machine
 
 from acr.config import Config, stage_workers
 
@@ -102,7 +103,7 @@ def init_ray(cfg: Config, job: str = "train", trials: int = 0) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        _join(address, runtime_env)
         return
     for k, v in runtime_env["env_vars"].items():
         os.environ.setdefault(k, v)
@@ -113,19 +114,35 @@ def init_ray(cfg: Config, job: str = "train", trials: int = 0) -> None:
     # dashboard. Without it every stopped trial leaks its workers' CPUs and the next trial's data stream waits
     # forever for a CPU. So a search always runs with the dashboard.
     dashboard = cfg.ray.include_dashboard or trials > 0
-    options: dict = {}
-    if dashboard:
-        # Train's cleaner finds the state API through RAY_API_SERVER_ADDRESS, else it looks for "the" local Ray and
-        # fails ("Found multiple active Ray instances") where other Ray instances run on the machine: every stopped
-        # trial would leak its CPUs as above. So the dashboard gets a free port, and every worker its address.
-        options["dashboard_port"] = free_port()
-        runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
+    # Train's cleaner finds the state API through RAY_API_SERVER_ADDRESS, else it looks for "the" local Ray and dies
+    # with a traceback ("Found multiple active Ray instances") where other Ray instances run on the machine: with
+    # the dashboard every stopped trial would leak its CPUs as above. So the dashboard gets a free port, and every
+    # worker its address; without the dashboard the address is one where nothing answers, and the cleaner only
+    # notes (quietly, QUIET_LOCAL_LOGGERS) that it cannot ask, while Train removes the group itself at the end.
+    options: dict = {"dashboard_port": free_port()}
+    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
+    if not dashboard:
+        options.pop("dashboard_port")
     num_cpus = cfg.ray.num_cpus or job_cpus(cfg, job, max(trials, 1))
     if trials:  # Tune sees a trial's driver only (0.1 CPU): this resource caps the trials at once
         gpus = torch.cuda.device_count() if cfg.scaling.use_gpu else 0
         options["resources"] = {TRIAL_SLOT: concurrent_trials(cfg, {"CPU": num_cpus, "GPU": gpus})}
     log.info("starting a local Ray with %d logical CPUs", num_cpus)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env, **options)
+
+
+def _join(address: str, runtime_env: dict) -> None:
+    """Connect to the cluster at `address`. Where this machine runs several Ray instances (a cluster's head beside
+    another user's Ray), Train's placement-group cleaner cannot tell which one is "the" local Ray and dies with a
+    traceback ("Found multiple active Ray instances"); it is then told the cluster's dashboard (its state API), which
+    takes a second connection."""
+    ctx = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    url = getattr(ctx, "dashboard_url", None)
+    if not url or "RAY_API_SERVER_ADDRESS" in runtime_env["env_vars"] or len(find_gcs_addresses()) < 2:
+        return
+    ray.shutdown()
+    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = url if "://" in url else f"http://{url}"
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
 
 
 def free_port() -> int:

@@ -1,0 +1,130 @@
+"""Every command of the README and every preset of configs/, validated by each job that accepts it, on 1, 2, 4 and 8
+workers: a job refuses only what it uses (a global batch that does not divide among its workers is refused, by the
+job whose batch it is); a setting of another job's section never stops it. Nothing here needs the data or a
+cluster: the validation runs before anything is read."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from acr.config import Config, ConfigError, apply_overrides, load_config, stage_workers, validate
+from tests.conftest import REPO
+
+WORKERS = (1, 2, 4, 8)
+DEFAULT_CONFIG = {"train": "configs/demo.yaml", "tune": "configs/tune_demo.yaml", "segment": "configs/demo.yaml",
+                  "pipeline": "configs/pipeline_demo.yaml", "prepare_data": None, "pseudo_labels": None}
+SHORT_KEYS = {"pseudo_labels": ("checkpoint=", "pseudo."), "segment": ("labels=", "segment.")}
+FLAGS_WITH_VALUE = {"--config", "--output-dir", "--space", "--splits"}
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(job, arguments) of every `ray_jobs/<job>.py` command in the README's bash blocks (continuations joined,
+    comments dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            found = re.search(r"ray_jobs/(\w+)\.py(.*)", line)
+            if found:
+                commands.append((found.group(1), shlex.split(found.group(2), comments=True)))
+    return commands
+
+
+def parse(job: str, args: list[str]) -> tuple[str | None, list[str]]:
+    """(--config file or the job's default, key=value overrides) of a command line."""
+    config, overrides, it = DEFAULT_CONFIG[job], [], iter(args)
+    for a in it:
+        if a in FLAGS_WITH_VALUE:
+            value = next(it)
+            config = value if a == "--config" else config
+        elif "=" in a:
+            short, section = SHORT_KEYS.get(job, (None, None))
+            overrides.append(section + a if short and a.startswith(short) else a)
+    return config, overrides
+
+
+def batches(cfg: Config, job: str) -> dict[str, tuple[int, int]]:
+    """The global batches that `job` divides among workers: key -> (batch, workers)."""
+    train = {"train.batch_size": (cfg.train.batch_size, cfg.scaling.num_workers)}
+    irn = {"pseudo.irn_batch_size": (cfg.pseudo.irn_batch_size, stage_workers(cfg, "irn"))}
+    segment = {"segment.batch_size": (cfg.segment.batch_size, stage_workers(cfg, "segment"))}
+    if job == "pipeline":
+        pl = cfg.pipeline
+        return {**({} if pl.checkpoint else train), **({} if pl.labels else irn), **segment}
+    return {"train": train, "tune": train, "pseudo_labels": irn, "segment": segment, "prepare_data": {}}[job]
+
+
+def config_of(config: str | None, overrides: list[str]) -> Config:
+    """The config a job would run with, read without any job's rules (a pseudo-label job's comes from its
+    checkpoint: the defaults stand in for it here)."""
+    return load_config(REPO / config if config else None, overrides, job=None)
+
+
+def check_on_workers(job: str, config: str | None, overrides: list[str]) -> list[int]:
+    """Validate for `job` on every worker count the command does not fix itself; the counts it passed on. Where a
+    batch of the job does not divide, the job must refuse naming that batch; everywhere else it must accept."""
+    own = any(o.startswith("scaling.num_workers=") for o in overrides)
+    passed = []
+    for workers in ([None] if own else WORKERS):
+        extra = [] if workers is None else [f"scaling.num_workers={workers}"]
+        cfg = config_of(config, overrides + extra)
+        bad = [key for key, (batch, n) in batches(cfg, job).items() if batch % n]
+        if bad:
+            with pytest.raises(ConfigError, match=re.escape(bad[0])):
+                validate(cfg, job)
+        else:
+            validate(cfg, job)  # any ConfigError here is a section the job does not use, or a bad command
+            passed.append(cfg.scaling.num_workers)
+    return passed
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_has_a_command_for_every_job():
+    assert {job for job, _ in COMMANDS} == set(DEFAULT_CONFIG) and len(COMMANDS) >= 15
+
+
+@pytest.mark.parametrize("job,args", COMMANDS, ids=[f"{j}:{' '.join(a)[:60]}" for j, a in COMMANDS])
+def test_every_readme_command_validates_for_its_job(job, args):
+    config, overrides = parse(job, args)
+    if config and not (REPO / config).is_file():
+        assert not config.startswith("configs/"), f"the README names a preset that does not exist: {config}"
+        pytest.skip(f"--config {config} is the output of another job")
+    assert check_on_workers(job, config, overrides), "no worker count passes"
+
+
+def test_the_readme_cluster_command_validates_with_its_four_workers():
+    (args,) = [a for job, a in COMMANDS if job == "train" and "scaling.num_workers=4" in a]
+    config, overrides = parse("train", args)
+    cfg = load_config(REPO / config, overrides, job="train")
+    assert cfg.scaling.num_workers == 4 and cfg.segment.batch_size % 4  # DeepLab's batch does not divide: not its job
+    with pytest.raises(ConfigError, match=r"segment.batch_size=10 must divide evenly among 4 DeepLab workers .*"
+                                          r"refused by the segment job"):
+        validate(cfg, "segment")
+    validate(apply_overrides(cfg, {"segment.num_workers": 2}), "segment")  # DeepLab's own scaling
+
+
+PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+PRESET_JOBS = ("train", "tune", "segment", "pipeline", "prepare_data", "pseudo_labels")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("job", PRESET_JOBS)
+def test_every_preset_validates_for_every_job(preset, job):
+    real = config_of(f"configs/{preset}", []).data.format != "synthetic"
+    root = ["data.root=/data/dataset"] if real else []  # the real datasets' presets name no folder: the user does
+    assert check_on_workers(job, f"configs/{preset}", root)
+
+
+def test_a_pipeline_error_names_the_stage_and_its_job():
+    cfg = config_of("configs/pipeline_demo.yaml", [])
+    with pytest.raises(ConfigError, match=r"^the pipeline's segment stage: segment.batch_size=8 must divide evenly "
+                                          r"among 3 DeepLab workers .* \(refused by the segment job\)$"):
+        validate(apply_overrides(cfg, {"segment.num_workers": 3}), "pipeline")
+    with pytest.raises(ConfigError, match="unknown job 'deeplab'"):
+        validate(cfg, "deeplab")
+    assert Path(REPO / "configs/pipeline_demo.yaml").is_file()
