@@ -17,6 +17,8 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 # The Ray instance started outside the tests (tests/conftest.py): {"pgid": ..., "head": RayHead if started there}.
 BYSTANDER: dict = {}
+# The background run of tests/test_released_step.py (tests/conftest.py): {"proc", "out", "log"}.
+RELEASED_STEP_RUN: dict = {}
 
 
 def free_port() -> int:

@@ -18,14 +18,9 @@ summation order; state that is not restored (dropout masks, momentum, learning r
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -37,6 +32,7 @@ from acr.config import load_config
 from acr.storage import RunFolder
 from acr.train.driver import run_training
 from tests.conftest import REPO, TINY_OVERRIDES
+from tests.faults import run_killed_at_first_checkpoint, run_with_a_worker_killed, s3_uri
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes through /proc")]
@@ -51,57 +47,6 @@ ALL_STEPS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 def _overrides(cache_dir) -> list[str]:
     return TINY_OVERRIDES + [f"data.cache_dir={cache_dir}"] + RUN
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A local S3-compatible server (moto) with a bucket `acr-test`: "host:port". Its (dummy) credentials are in the
-    environment of this process before Ray starts, so that Ray's workers inherit them, as instance credentials are
-    on a cloud node."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in creds}
-    os.environ.update(creds)
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                          allow_bucket_creation=True).create_dir("acr-test")
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.kill()
-        server.wait()
-        _restore(saved)
-
-
-def _restore(saved: dict) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_endpoint):
-    """A local Ray as train.py starts it (its Train settings: reports are polled every 0.25 s), restored after."""
-    import ray
-
-    from acr.runtime.cluster import RAY_ENV, init_ray
-
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    init_ray(load_config(None, ["ray.num_cpus=4"]))
-    yield
-    ray.shutdown()
-    _restore(saved)
 
 
 @pytest.fixture(scope="module")
@@ -156,111 +101,19 @@ def _checkpoint_dirs(folder: RunFolder) -> list[str]:
             if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
 
 
-def _processes() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, session id, command line) of every process visible in /proc."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        out[int(d)] = (int(fields[1]), int(fields[3]), cmd)
-    return out
-
-
-def _descendants(root: int) -> dict[int, str]:
-    procs = _processes()
-    found, todo = {}, [root]
-    while todo:
-        parent = todo.pop()
-        for pid, (ppid, _, cmd) in procs.items():
-            if ppid == parent and pid not in found:
-                found[pid] = cmd
-                todo.append(pid)
-    return found
-
-
-def _wait_for_checkpoint(folder: RunFolder, alive, after: dict | None, timeout: float = 600) -> dict:
-    """Wait (while `alive()`) until Ray's record of the run holds a checkpoint other than `after`; its point."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout and alive():
-        try:
-            if folder.latest_checkpoint():
-                point = _latest_point(folder)
-                if point != after:
-                    return point
-        except (ValueError, TypeError):  # the record or the checkpoint is being written
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"no new checkpoint recorded in {folder.uri()} (run alive: {alive()})")
-
-
-def _latest_point(folder: RunFolder) -> dict:
-    return json.loads(folder.read_text("", fs_path=f"{folder.latest_checkpoint()}/progress.json") or "null")
-
-
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL to every process of the session that `proc` leads (a train.py driver, its Ray, its workers)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(s == proc.pid for _, s, _ in _processes().values()):
-        time.sleep(0.2)
-    for pid, (_, sid, _) in _processes().items():  # anything of that session still alive
-        if sid == proc.pid:
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def scenario(ray_cluster, s3_endpoint, cache_dir) -> dict:
-    uri = f"s3://acr-test/runs/voc?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    uri = s3_uri(s3_endpoint, "runs/voc")
     folder = RunFolder(uri)
     out: dict = {"folder": folder}
-
     # [1] train.py, killed with its Ray after its first checkpoint
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "ray_jobs/train.py", "--output-dir", uri] + _overrides(cache_dir),
-                                cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=log)
-        try:
-            _wait_for_checkpoint(folder, lambda: proc.poll() is None, after=None)
-        except AssertionError as exc:
-            log.seek(0)
-            raise AssertionError(f"{exc}; train.py said: {log.read()[-3000:]}") from None
-        finally:
-            _kill_session(proc)
-        log.seek(0)
-        out["driver_returncode"], out["driver_log"] = proc.returncode, log.read()[-3000:]
-    out["first"] = _latest_point(folder)  # as the killed run left it
+    out["first"], out["driver_returncode"], out["driver_log"] = run_killed_at_first_checkpoint(
+        ["ray_jobs/train.py", "--output-dir", uri] + _overrides(cache_dir), folder, REPO)
     out["interrupted_files"] = {name: folder.read_text(name) for name in ("config.yaml", "summary.json")}
-
     # [2] the rerun in the same place (what train.py runs), its worker killed after its first new checkpoint
-    result: dict = {}
-
-    def train():
-        try:
-            result["summary"] = run_training(load_config(None, _overrides(cache_dir)), uri)
-        except BaseException as exc:  # reported by the tests
-            result["error"] = exc
-
-    thread = threading.Thread(target=train)
-    thread.start()
-    try:
-        out["before_kill"] = _wait_for_checkpoint(folder, thread.is_alive, after=out["first"])
-        workers = [pid for pid, cmd in _descendants(os.getpid()).items() if cmd.startswith("ray::RayTrainWorker")]
-        out["workers"] = workers
-        if len(workers) == 1:
-            os.kill(workers[0], signal.SIGKILL)
-    finally:
-        thread.join(timeout=600)
-    out.update(result)
+    rerun = run_with_a_worker_killed(lambda: run_training(load_config(None, _overrides(cache_dir)), uri), folder,
+                                     after=out["first"])
+    out.update({"summary" if k == "result" else k: v for k, v in rerun.items()})
     return out
 
 

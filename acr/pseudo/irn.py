@@ -3,8 +3,9 @@
 Every epoch visits the job's images in an order from (train.seed, epoch); each crop is a random rescale, flip and
 crop of the image and its confident labels, seeded by (seed, epoch, image id). The loss is IRN's class-boundary
 loss over the pairs within `pseudo.irn_radius`, with SGD (no momentum, as IRN's PolyOptimizer) and the poly LR. The
-run lives in <job>/irn (local or s3://): checkpoints after every epoch and every `pseudo.irn_checkpoint_every_steps`
-steps; a lost worker restarts from the last one (`scaling.max_failures`) and a rerun of the job continues it.
+run lives in <job>/irn (local or s3://): checkpoints (the boundary branch, its optimiser, counters; the frozen
+backbone is the classifier's) after every epoch and every `pseudo.irn_checkpoint_every_steps` steps; a lost worker
+restarts from the last one (`scaling.max_failures`) and a rerun of the job continues it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from acr.refine import pseudo
 from acr.refine.irn import IRNet, affinity_labels, boundary_loss, path_affinity, path_offsets
 from acr.runtime.logs import setup_logging
 from acr.runtime.loop import LoopPlan, epoch_datasets, train_epochs
-from acr.runtime.session import RaySession, read_latest, resume_point
+from acr.runtime.session import RaySession, read_latest, resume_point, set_worker_threads
 from acr.runtime.stages import ImageFiles, epoch_order, positions, rows_of
 from acr.runtime.trainer import build_trainer, fit
 from acr.storage import RunFolder
@@ -70,6 +71,8 @@ def irn_worker(config: dict) -> None:
     setup_logging()
     cfg = config_from_dict(config["config"])
     ps, session = cfg.pseudo, RaySession()
+    set_worker_threads(cfg)
+    torch.manual_seed(cfg.train.seed)  # the boundary branch's initial weights: the same in every run
     irn = build_irn(cfg, config["checkpoint"], session.device)
     params = [p for p in irn.parameters() if p.requires_grad]
     opt = torch.optim.SGD([{"params": params, "lr_mult": 1.0}], lr=ps.irn_lr, weight_decay=ps.irn_weight_decay)
@@ -79,7 +82,7 @@ def irn_worker(config: dict) -> None:
         edge = model(batch["image"])
         return boundary_loss(path_affinity(edge, offsets), *affinity_labels(batch["label"].long(), offsets))
 
-    train_epochs(session, irn, session.prepare(irn), opt, loss_fn, LoopPlan(**config["plan"]))
+    train_epochs(session, irn.boundary_branch(), session.prepare(irn), opt, loss_fn, LoopPlan(**config["plan"]))
 
 
 def irn_plan(cfg: Config, total: int, start: tuple[int, int]) -> LoopPlan:
@@ -117,10 +120,11 @@ def train_irn(cfg: Config, job: RunFolder, ckpt: str, shards: tuple, total: int,
 
 
 def load_trained_irn(cfg: Config, job: RunFolder | str | Path, device: torch.device | str = "cpu") -> IRNet:
-    """The trained IRN of a job folder (its latest checkpoint in <job>/irn)."""
+    """The trained IRN of a job folder: the classifier's backbone (pseudo.checkpoint) and the boundary branch of
+    the latest checkpoint in <job>/irn."""
     restored = read_latest(RunFolder.of(job).sub(IRN_DIR), map_location=device)
     if restored is None:
         raise CheckpointError(f"{RunFolder.of(job).uri(IRN_DIR)} holds no trained IRN (run the job's IRN stage)")
-    irn = build_irn(cfg, None, device)
-    irn.load_state_dict(restored.state["model"])
+    irn = build_irn(cfg, cfg.pseudo.checkpoint, device)
+    irn.boundary_branch().load_state_dict(restored.state["model"])
     return irn

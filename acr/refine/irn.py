@@ -254,6 +254,11 @@ class IRNet(nn.Module):
         """The boundary branch's parameters (the backbone's are frozen)."""
         return [*self.branches.parameters(), *self.fuse.parameters()]
 
+    def boundary_branch(self) -> nn.Module:
+        """The trained part alone (its state dict has IRNet's names, `branches.*` and `fuse.*`): what a checkpoint
+        holds, the frozen backbone coming from the classifier's checkpoint."""
+        return nn.ModuleDict({"branches": self.branches, "fuse": self.fuse})
+
     def forward(self, image: Tensor) -> Tensor:
         """`image` (B, 3, H, W) -> (B, H4, W4) class boundary probabilities at the stage3 (stride-4) resolution."""
         return torch.sigmoid(self.logits(image))

@@ -91,7 +91,8 @@ def _batches(session: Session, plan: LoopPlan, state: LoopState, epoch: int):
 def train_epochs(session: Session, model: nn.Module, ddp: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[nn.Module, dict], torch.Tensor], plan: LoopPlan, extra_state: dict | None = None
                  ) -> LoopState:
-    """Train `ddp` (`model`, DDP-wrapped) from the latest checkpoint to the end of the plan; returns the state."""
+    """Train `ddp` (DDP-wrapped) from the latest checkpoint to the end of the plan; checkpoints hold `model`'s state
+    (the trained module, or the trained part of it); returns the loop's state."""
     state = restore_into(session, model, optimizer)
 
     def checkpoint(metrics: dict, epoch: int, step: int) -> None:

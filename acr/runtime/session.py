@@ -21,14 +21,14 @@ import ray.train
 import ray.train.torch
 import torch
 
-from acr.checkpoint import STATE_FILE, load_state, save_state
+from acr.checkpoint import load_state, save_state
 from acr.errors import CheckpointError
 from acr.storage import RunFolder
 
 PROGRESS_FILE = "progress.json"
 
 # A checkpoint's extra files: name -> text, bytes, or a function that writes the file at the given path.
-Files = dict[str, "str | bytes | Callable[[Path], None]"]
+Files = dict[str, str | bytes | Callable[[Path], None]]
 
 
 @dataclass
@@ -81,6 +81,11 @@ def read_latest(output_dir: str | Path | RunFolder, map_location="cpu") -> Resto
         return None
     with ray.train.Checkpoint(latest, filesystem=folder.fs).as_directory() as d:
         return read_checkpoint(Path(d), map_location)
+
+
+def set_worker_threads(cfg) -> None:
+    """Compute threads of a training worker: train.threads_per_worker, else its scaling.cpus_per_worker."""
+    torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
 
 
 class Session:

@@ -24,7 +24,7 @@ from acr.models.deeplab import DeepLab, build_deeplab
 from acr.refine import pseudo
 from acr.runtime.logs import setup_logging
 from acr.runtime.loop import LoopPlan, epoch_datasets, train_epochs
-from acr.runtime.session import RaySession, read_latest, resume_point
+from acr.runtime.session import RaySession, read_latest, resume_point, set_worker_threads
 from acr.runtime.stages import epoch_order, positions, rows_of
 from acr.runtime.trainer import build_trainer, fit
 from acr.storage import RunFolder
@@ -78,6 +78,8 @@ def segment_worker(config: dict) -> None:
     setup_logging()
     cfg = config_from_dict(config["config"])
     sg, session = cfg.segment, RaySession()
+    set_worker_threads(cfg)
+    torch.manual_seed(cfg.train.seed)  # the head's (and a random backbone's) initial weights: the same in every run
     model = build_model(cfg, config["init_backbone"]).to(session.device)
     opt = torch.optim.SGD(model.param_groups(sg.lr, sg.head_lr_multiplier), lr=sg.lr, momentum=sg.momentum,
                           weight_decay=sg.weight_decay)

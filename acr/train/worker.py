@@ -31,7 +31,7 @@ from acr.models.backbones import calibrate_batchnorm
 from acr.models.factory import build_classifier, build_reconstructor
 from acr.runtime.collectives import all_gather, peak_rss_mb, reduce_mean, replica_divergence
 from acr.runtime.logs import setup_logging
-from acr.runtime.session import RaySession, Session
+from acr.runtime.session import RaySession, Session, set_worker_threads
 from acr.train.evaluate import evaluate_split
 from acr.viz import save_cam_overlays
 
@@ -234,7 +234,7 @@ def run_worker(loop_config: dict, session: Session) -> None:
     cfg = config_from_dict(loop_config["config"])
     uri, manifest, plan = loop_config["shards"], loop_config["manifest"], TrainPlan(**loop_config["plan"])
     _check_worker(cfg, plan, session)
-    torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
+    set_worker_threads(cfg)
     rows = TrainRows(uri, manifest, plan.to_dict(), num_classes(cfg), augment_kwargs(cfg), cfg.method.srf.grid_size)
     run = build_run(cfg, plan, session.rank)
     dtype = torch.float64 if cfg.train.precision == "fp64" else torch.float32
