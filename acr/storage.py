@@ -106,7 +106,10 @@ class RunFolder:
         return f"{self.uri_prefix}{p}"
 
     def makedirs(self, name: str = "") -> None:
-        self.fs.create_dir(f"{self.path}/{name}" if name else self.path, recursive=True)
+        try:
+            self.fs.create_dir(f"{self.path}/{name}" if name else self.path, recursive=True)
+        except OSError as exc:  # a bucket that does not exist or cannot be reached, no permission
+            raise StorageError(f"output folder {self.uri(name)}: cannot create it ({exc})") from exc
 
     def write_bytes(self, name: str, data: bytes | Writer) -> None:
         """Write a file of the folder atomically (see the module docstring)."""
@@ -114,8 +117,11 @@ class RunFolder:
             write_atomically(f"{self.path}/{name}", data)
             return
         buf = data if isinstance(data, (bytes, bytearray)) else _to_bytes(data)
-        with self.fs.open_output_stream(f"{self.path}/{name}") as f:
-            f.write(buf)
+        try:
+            with self.fs.open_output_stream(f"{self.path}/{name}") as f:
+                f.write(buf)
+        except OSError as exc:
+            raise StorageError(f"{self.uri(name)}: cannot write it ({exc})") from exc
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())

@@ -23,7 +23,7 @@ def test_train_script_on_real_voc(voc_mini, cache_dir, tmp_path):
     end to end on real VOC images (it cannot learn from 12 images; it must run and evaluate)."""
     out = tmp_path / "voc"
     cmd = [sys.executable, "ray_jobs/train.py", "--output-dir", str(out), "data.format=voc", f"data.root={voc_mini}",
-           "train.epochs=1", f"data.cache_dir={cache_dir}"]
+           "train.epochs=1", "eval.scales=[1.0]", f"data.cache_dir={cache_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-5000:]  # a run that succeeds shows none

@@ -41,14 +41,16 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes through /proc")]
 TOLERANCE = 1e-7
 FAULTS = ["scaling.max_failures=1", "train.threads_per_worker=1"]
-# IRN: 8 of voc_mini's 9 train images in batches of 4, 2 epochs, a checkpoint after every step: (0, 1), (1, 0),
+# IRN: 4 of voc_mini's 9 train images in batches of 2, 2 epochs, a checkpoint after every step: (0, 1), (1, 0),
 # (1, 1), (2, 0).
+IMAGES = 4
 PSEUDO = ["pseudo.actors=1", "pseudo.scales=[1.0]", "pseudo.flip=false", "pseudo.irn_crop_size=64",
-          "pseudo.irn_epochs=2", "pseudo.irn_batch_size=4", "pseudo.irn_checkpoint_every_steps=1", "pseudo.exp_times=2",
-          "pseudo.overlays=2", "pseudo.max_images=8", *FAULTS]
-# DeepLab on label maps: 2 epochs of 2 steps of 2 images, a checkpoint after every step; val: voc_mini's 3 images.
+          "pseudo.irn_epochs=2", "pseudo.irn_batch_size=2", "pseudo.irn_checkpoint_every_steps=1", "pseudo.exp_times=2",
+          "pseudo.overlays=2", f"pseudo.max_images={IMAGES}", *FAULTS]
+# DeepLab on label maps: 2 epochs of 2 steps of 2 images (4 of the 9 train images), a checkpoint after every step;
+# val: 2 of voc_mini's 3 images.
 SEGMENT = ["data.format=voc", "segment.backbone=resnet18", "segment.output_stride=16", "segment.epochs=2",
-           "segment.max_steps_per_epoch=2", "segment.batch_size=2", "segment.crop_size=64",
+           "segment.max_images=4", "segment.max_val_images=2", "segment.batch_size=2", "segment.crop_size=64",
            "segment.scale_range=[0.2,0.3]", "segment.eval_scales=[0.5,1.0]", "segment.actors=1", "segment.overlays=2",
            "segment.checkpoint_every_steps=1", "model.backbone=resnet18", *FAULTS]
 
@@ -122,6 +124,7 @@ def pseudo_runs(voc_classifier, s3_endpoint, cache_dir, tmp_path_factory) -> dic
     reference = tmp_path_factory.mktemp("pseudo") / "reference"
     summary = run_pseudo_labels(_pseudo_config(voc_classifier, cache_dir), reference)  # uninterrupted, local disk
     uri = s3_uri(s3_endpoint, "jobs/pseudo")
+    _copy_stage_files(reference, RunFolder(uri))  # the stages before IRN done already: the kill comes in IRN
     args = ["ray_jobs/pseudo_labels.py", f"checkpoint={voc_classifier}", "--output-dir", uri, *PSEUDO,
             f"data.cache_dir={cache_dir}"]
     scenario = _scenario(args, RunFolder(uri).sub("irn"),
@@ -129,14 +132,22 @@ def pseudo_runs(voc_classifier, s3_endpoint, cache_dir, tmp_path_factory) -> dic
     return {"reference": reference, "reference_summary": summary, "folder": RunFolder(uri), **scenario}
 
 
+def _copy_stage_files(local: Path, folder: RunFolder) -> None:
+    """The per-image files of the stages before IRN (and their settings), as a job that got that far leaves them."""
+    for kind in (pseudo.CAMS, pseudo.CRF, pseudo.IR_LABELS):
+        for f in (local / kind).iterdir():
+            folder.write_bytes(f"{kind}/{f.name}", f.read_bytes())
+    folder.write_bytes("refine_params.json", (local / "refine_params.json").read_bytes())
+
+
 def test_the_pseudo_label_job_on_real_voc_images(pseudo_runs, voc_mini):
     out, summary = pseudo_runs["reference"], pseudo_runs["reference_summary"]
-    ids = (voc_mini / "ImageSets/Segmentation/train.txt").read_text().split()[:8]  # pseudo.max_images=8
+    ids = (voc_mini / "ImageSets/Segmentation/train.txt").read_text().split()[:IMAGES]  # pseudo.max_images
     assert summary["num_images"] == len(ids) and summary["images_with_ground_truth"] == len(ids)
     for k in ("seed_miou", "crf_miou", "mask_miou", "mask_precision", "mask_recall"):
         assert 0.0 < summary[k] <= 1.0, k
     assert summary["stages"]["cams"]["done"] == len(ids) and summary["stages"]["masks"]["done"] == len(ids)
-    assert summary["stages"]["irn"]["history"][-1]["steps"] == 2  # two full batches of 4 per epoch
+    assert summary["stages"]["irn"]["history"][-1]["steps"] == 2  # two full batches of 2 per epoch
     masks = sorted((out / "masks").glob("*.png"))
     assert sorted(p.stem for p in masks) == sorted(ids)  # one PNG per image of the job
     for p in masks:
@@ -154,11 +165,11 @@ def test_irn_killed_twice_on_s3_ends_as_an_uninterrupted_run(pseudo_runs):
     summary = pseudo_runs["result"]
     first = [pseudo_runs["first"]["epoch"], pseudo_runs["first"]["step_in_epoch"]]
     assert summary["stages"]["irn"]["resumed_from"] == first  # the rerun continued IRN where the driver died
-    assert summary["stages"]["cams"]["kept"] == 8 and summary["stages"]["refine"]["kept"] == 8  # files kept
+    assert summary["stages"]["cams"]["kept"] == IMAGES and summary["stages"]["refine"]["kept"] == IMAGES  # kept
     worst = _assert_same_network(pseudo_runs["folder"].sub("irn"), RunFolder(pseudo_runs["reference"] / "irn"))
     print(f"IRN: largest difference from the uninterrupted run: {worst}")
     folder = pseudo_runs["folder"]
-    assert len(folder.names(pseudo.MASKS)) == 8
+    assert len(folder.names(pseudo.MASKS)) == IMAGES
     assert folder.read_json("summary.json")["mask_miou"] == summary["mask_miou"]
     for k in ("seed_miou", "crf_miou", "mask_miou"):  # the same network, the same masks
         assert summary[k] == pytest.approx(pseudo_runs["reference_summary"][k], abs=1e-6), k
@@ -201,7 +212,7 @@ def test_the_segment_script_on_real_voc_images(deeplab_runs, voc_mini):
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-5000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out.resolve() / "summary.json")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_images"] == 9 and summary["val_images_scored"] == 3
+    assert summary["train_images"] == 4 and summary["val_images_scored"] == 2  # segment.max_(val_)images
     for key in ("val_miou", "val_miou_ms", "val_miou_crf", "val_precision", "val_recall_crf"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert len(summary["class_names"]) == 21 and summary["class_names"][0] == "background"
@@ -209,11 +220,11 @@ def test_the_segment_script_on_real_voc_images(deeplab_runs, voc_mini):
         iou = summary[f"val_per_class_iou{suffix}"]
         assert len(iou) == 21 and 0.0 <= iou[0] <= 1.0  # background is in every val image
         assert all(v is None or 0.0 <= v <= 1.0 for v in iou)
-    assert summary["stages"]["train"]["steps_per_epoch"] == 2 and summary["stages"]["predict"]["done"] == 3
+    assert summary["stages"]["train"]["steps_per_epoch"] == 2 and summary["stages"]["predict"]["done"] == 2
     last = summary["history"][-1]
     assert last["steps"] == 2 and math.isfinite(last["loss"])
     assert last["lr_last_step"] == pytest.approx(0.001 * (1 - 3 / 4) ** 0.9)  # the last of 4 poly steps
-    val_ids = (voc_mini / "ImageSets/Segmentation/val.txt").read_text().split()
+    val_ids = (voc_mini / "ImageSets/Segmentation/val.txt").read_text().split()[:2]
     for level in ("pred", "pred_ms", "pred_crf"):
         assert sorted(p.stem for p in (out / level).glob("*.png")) == sorted(val_ids)
         for i in val_ids:
@@ -241,5 +252,5 @@ def test_deeplab_killed_twice_on_s3_ends_as_an_uninterrupted_run(deeplab_runs):
 def test_a_finished_deeplab_job_is_kept_on_rerun(deeplab_runs):
     again, first = deeplab_runs["again"], deeplab_runs["result"]
     assert again["stages"]["train"] == {"kept": True, "epochs": 2}
-    assert again["stages"]["predict"]["kept"] == 3 and again["stages"]["predict"]["done"] == 0
+    assert again["stages"]["predict"]["kept"] == 2 and again["stages"]["predict"]["done"] == 0
     assert (again["val_miou"], again["val_miou_crf"]) == (first["val_miou"], first["val_miou_crf"])

@@ -241,7 +241,10 @@ def _write_chunk(path: Path, chunk: list[SourceItem], first_index: int, num_clas
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (OSError, ValueError) as exc:  # no such scheme, an unreachable bucket, no credentials
+            raise DataError(f"shards {uri}: cannot open it ({exc})") from exc
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 

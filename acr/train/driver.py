@@ -37,6 +37,7 @@ def prepare_run(cfg: Config, start: tuple[int, int] = (0, 0), progress: bool = T
     if corrupt:
         bad = {r["index"] for r in corrupt}
         indices = [i for i in indices if i not in bad]
+    init_ray(cfg, "train")  # the data checked first: a missing folder or bucket stops the job before Ray starts
     start_epoch = min(start[0], cfg.train.epochs)
     plan = make_plan(indices, cfg, world or cfg.scaling.num_workers, start_epoch,
                      start[1] if start_epoch < cfg.train.epochs else 0)
@@ -71,7 +72,6 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict:
     folder = RunFolder(output_dir)
     folder.makedirs()
     folder.write_text("config.yaml", dump_yaml(cfg))
-    init_ray(cfg, "train")
     # Fail fast, before any worker starts, on bad data: every error names the file, shard or image id.
     loop_config, datasets, data_info = prepare_run(cfg, resume_point(folder))
     result = fit(training_trainer(cfg, folder, loop_config, datasets))
