@@ -69,9 +69,10 @@ def local_ray(num_cpus: int = 4):
     import ray
 
     from acr.config import load_config
-    from acr.runtime.cluster import RAY_ENV, init_ray
+    from acr.runtime.cluster import LOCAL_RAY_ENV, RAY_ENV, init_ray
 
-    with environment({k: os.environ.get(k, v) for k, v in RAY_ENV.items()}):  # what init_ray sets, restored after
+    settings = {**RAY_ENV, **LOCAL_RAY_ENV}
+    with environment({k: os.environ.get(k, v) for k, v in settings.items()}):  # what init_ray sets, restored after
         init_ray(load_config(None, [f"ray.num_cpus={num_cpus}"]))
         try:
             yield

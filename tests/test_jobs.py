@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,23 +17,6 @@ from tests.rayhead import ray_env as _env
 pytestmark = pytest.mark.slow
 
 
-def test_train_script_on_real_voc(voc_mini, cache_dir, tmp_path):
-    """Acceptance: `python ray_jobs/train.py data.format=voc data.root=../shared/data/voc_mini train.epochs=1` runs
-    end to end on real VOC images (it cannot learn from 12 images; it must run and evaluate)."""
-    out = tmp_path / "voc"
-    cmd = [sys.executable, "ray_jobs/train.py", "--output-dir", str(out), "data.format=voc", f"data.root={voc_mini}",
-           "train.epochs=1", "eval.scales=[1.0]", f"data.cache_dir={cache_dir}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-5000:]  # a run that succeeds shows none
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last == str(out.resolve() / "summary.json")
-    summary = json.loads(Path(last).read_text())
-    assert summary["num_images"] == 3 and summary["train_images"] == 9
-    assert 0 <= summary["cam_miou"] <= 1 and 0 < summary["floor_background_miou"] < 1
-    assert (out / "cam_overlays.png").is_file()
-
-
 def test_bad_config_key_exits_with_its_name(tmp_path):
     proc = subprocess.run([sys.executable, "ray_jobs/train.py", "--output-dir", str(tmp_path), "train.epoch=1"],
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=_env())
@@ -42,15 +24,17 @@ def test_bad_config_key_exits_with_its_name(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_ray_job_submit_to_local_head(cache_dir, tmp_path):
+def test_ray_job_submit_trains_on_real_voc(voc_mini, cache_dir, tmp_path):
+    """Acceptance: `ray job submit -- python ray_jobs/train.py data.format=voc data.root=../shared/data/voc_mini
+    train.epochs=1` runs end to end on real VOC images through a local head that this test starts and stops (it
+    cannot learn from 9 images; it must run, evaluate and say where its summary is)."""
     # 4 logical CPUs on the 2 cores: the training worker's 2 plus the Ray Data decode actor and its small tasks
     head = RayHead(num_cpus=4, dashboard=True)
     try:
-        out = tmp_path / "job-run"
+        out = tmp_path / "voc"
         submit = ["ray", "job", "submit", "--address", head.job_address, "--working-dir", str(REPO), "--",
-                  "python", "ray_jobs/train.py", "--output-dir", str(out), "train.epochs=1",
-                  "train.max_steps_per_epoch=1", "synthetic.train_images=16", "synthetic.val_images=4",
-                  "eval.scales=[1.0]", f"data.cache_dir={cache_dir}"]
+                  "python", "ray_jobs/train.py", "--output-dir", str(out), "data.format=voc", f"data.root={voc_mini}",
+                  "train.epochs=1", "eval.scales=[1.0]", f"data.cache_dir={cache_dir}"]
         # Token auth is on whenever ~/.ray/auth_token exists; asking for it explicitly works either way.
         env = _env(RAY_AUTH_MODE="token")
         for _ in range(12):  # the head's job agent comes up a few seconds after `ray start` returns
@@ -60,9 +44,12 @@ def test_ray_job_submit_to_local_head(cache_dir, tmp_path):
             time.sleep(5)
         assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
         assert "succeeded" in proc.stdout
-        assert "Traceback" not in proc.stdout + proc.stderr, (proc.stdout[-3000:], proc.stderr[-3000:])
+        assert "Traceback" not in proc.stdout + proc.stderr, (proc.stdout[-3000:], proc.stderr[-3000:])  # none
+        assert str(out.resolve() / "summary.json") in proc.stdout.splitlines()  # the job says where its summary is
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["epochs"] == 1 and 0 <= summary["cam_miou"] <= 1
+        assert summary["epochs"] == 1 and summary["num_images"] == 3 and summary["train_images"] == 9
+        assert 0 <= summary["cam_miou"] <= 1 and 0 < summary["floor_background_miou"] < 1
+        assert (out / "cam_overlays.png").is_file()
     finally:
         head.stop()  # this test's Ray only (its process group), never another one on the machine
     assert not head.alive()

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 # Ray Train V2 polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) and each report() waits for a poll.
 # Its print patch would log every progress line of the workers twice (once as stdout, once through logging).
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# On a Ray the job started itself (one machine, no node to preempt) Train's preemption watcher would be one more actor
+# process per run, and it logs an error line at every start ("PreemptionWatcher ... has constructor arguments in
+# the object store"). On a joined cluster (spot nodes) it is kept.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 # A custom Ray resource, one unit per Tune trial that fits at once. Tune sees only a trial's driver (0.1 CPU; the
 # trial's TorchTrainer reserves its workers itself), so when a search is resumed Tune would restart every unfinished
@@ -121,6 +125,7 @@ def init_ray(cfg: Config, job: str = "train", trials: int = 0) -> None:
     if address:
         _join(address, runtime_env)
         return
+    runtime_env["env_vars"].update({k: os.environ.get(k, v) for k, v in LOCAL_RAY_ENV.items()})
     for k, v in runtime_env["env_vars"].items():
         os.environ.setdefault(k, v)
     runtime_env["worker_process_setup_hook"] = "acr.runtime.cluster.quiet_local_ray"
