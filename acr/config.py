@@ -92,7 +92,8 @@ class ModelConfig:
     backbone: BackboneName = "resnet38d"
     output_stride: Literal[8, 16] = 8
     # ImageNet weights: a torchvision state dict (.pth) for resnets; an MXNet `.params` or converted `.pth` for
-    # resnet38d. null = random init. Never downloaded.
+    # resnet38d. null = random init. Never downloaded. `standin`: the project's stand-in (the backbone pre-trained on
+    # other synthetic images, made on first use and cached: acr/train/standin.py), the embedded demo's default.
     pretrained: str | None = None
     # `two_layer`: 1x1 conv -> ReLU -> 1x1 conv (the released code); `linear`: one 1x1 conv (the paper).
     cam_head: Literal["two_layer", "linear"] = "two_layer"
@@ -228,8 +229,9 @@ class EvalConfig:
     split: str = "val"
     scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     flip: bool = True
-    # Background threshold sweep: start, stop (inclusive), step.
-    thresholds: list[float] = field(default_factory=lambda: [0.05, 0.60, 0.01])
+    # Background threshold sweep: start, stop (inclusive), step. The whole useful range by default (the sweep costs
+    # one pass over the pixels whatever its length); a best value at either end is flagged (`threshold_at_edge`).
+    thresholds: list[float] = field(default_factory=lambda: [0.01, 0.99, 0.01])
     max_images: int | None = None
     overlays: int = 8
     # Also score the CAMs after every epoch (reported with the epoch's metrics; what Tune's scheduler reads).
@@ -335,7 +337,7 @@ class SegmentConfig:
     head: Literal["aspp_v2", "aspp_v3"] = "aspp_v2"
     backbone: BackboneName = "resnet38d"
     output_stride: Literal[8, 16] = 8
-    # ImageNet weights for the backbone (a file, as model.pretrained); never downloaded.
+    # ImageNet weights for the backbone (a file, as model.pretrained, or `standin`); never downloaded.
     pretrained: str | None = None
     # Or the backbone of an ACR classifier (a checkpoint, train.py or tune.py folder; it was trained with image-level
     # labels only). Used by the pipeline on the embedded dataset, where no ImageNet weights exist.

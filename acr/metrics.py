@@ -24,19 +24,35 @@ def threshold_sweep_confusion(cams: np.ndarray, gt: np.ndarray, thresholds: np.n
 
     `cams` (C, H, W) in [0, 1] (absent classes 0). The prediction is argmax over [τ, cam_1..cam_C]: class c+1 where
     the largest CAM exceeds τ, else background (ties go to the background, then to the lower class index).
-    Returns (T, C+1, C+1).
+    Returns (T, C+1, C+1). One pass over the pixels whatever the number of thresholds: each pixel is counted once in
+    a histogram over (how many thresholds lie below its largest CAM, its label, its class), and the matrices are
+    cumulative sums of it, so a sweep of the whole range [0.01, 0.99] costs about what one threshold does.
     """
     n = cams.shape[0] + 1
-    top = cams.max(0)
-    arg = cams.argmax(0) + 1
+    t = np.asarray(thresholds, np.float64)
+    if t.ndim != 1 or np.any(np.diff(t) <= 0):
+        raise ValueError(f"thresholds must be increasing, got {t.tolist()}")
     valid = gt != IGNORE
     g = gt[valid].astype(np.int64)
-    top_v, arg_v = top[valid], arg[valid]
-    out = np.empty((len(thresholds), n, n), np.int64)
-    for i, t in enumerate(thresholds):
-        pred = np.where(top_v > t, arg_v, 0)
-        out[i] = np.bincount(g * n + pred, minlength=n * n).reshape(n, n)
+    top = cams.max(0)[valid].astype(np.float64)
+    arg = cams.argmax(0)[valid].astype(np.int64) + 1
+    below = np.searchsorted(t, top, side="left")  # thresholds < top: foreground at threshold i iff i < below
+    levels = len(t) + 1
+    fg = np.bincount((below * n + g) * n + arg, minlength=levels * n * n).reshape(levels, n, n)
+    bg = np.bincount(below * n + g, minlength=levels * n).reshape(levels, n)
+    out = np.cumsum(fg[::-1], 0)[::-1][1:].copy()  # pixels with below > i
+    out[:, :, 0] += np.cumsum(bg, 0)[:-1]  # pixels with below <= i predict background
     return out
+
+
+def best_threshold(thresholds, miou) -> dict:
+    """The best threshold of a sweep, and whether it lies at an end of the searched range ("low", "high" or None):
+    there a wider range may score higher, and the summary says so."""
+    thresholds = list(thresholds)
+    i = int(np.nanargmax(miou))
+    edge = "low" if i == 0 else "high" if i == len(thresholds) - 1 else None
+    return {"index": i, "threshold": float(thresholds[i]), "threshold_at_edge": edge,
+            "threshold_range": [float(thresholds[0]), float(thresholds[-1])]}
 
 
 def scores(conf: np.ndarray) -> dict:

@@ -171,9 +171,11 @@ def write_outputs(cfg: Config, base: Config, space: dict, results, out: Path, st
         scores = [] if hist is None or METRIC not in hist else [float(v) for v in hist[METRIC] if not math.isnan(v)]
         trial_id = Path(r.path).name
         curves[trial_id] = scores
+        last = r.metrics or {}
         rows.append({"trial": trial_id, "status": "error" if r.error else "done", "epochs": len(scores),
                      "stopped_early": not r.error and len(scores) < cfg.train.epochs,
                      "best_cam_miou": max(scores) if scores else None, "last_cam_miou": scores[-1] if scores else None,
+                     "last_threshold": last.get("threshold"), "last_threshold_at_edge": last.get("threshold_at_edge"),
                      "path": r.path, **params})
     with open(out / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
@@ -195,6 +197,9 @@ def write_outputs(cfg: Config, base: Config, space: dict, results, out: Path, st
         "best_cam_miou_reported": reported["cam_miou"] if reported else None,
         "best_precision_reported": reported["precision"] if reported else None,
         "best_recall_reported": reported["recall"] if reported else None,
+        "best_threshold_reported": reported["threshold"] if reported else None,
+        "best_threshold_at_edge_reported": reported["threshold_at_edge"] if reported else None,
+        "trials_with_threshold_at_edge": sum(bool(r["last_threshold_at_edge"]) for r in rows),
         "report_split": best_cfg.eval.split, "best_checkpoint": str(ckpt) if ckpt else None,
         "n_trials": len(rows), "n_stopped_early": sum(r["stopped_early"] for r in rows),
         "n_errored": sum(r["status"] == "error" for r in rows), "study_storage": storage,

@@ -14,8 +14,8 @@ Each run trains in this process (the plain loop) and scores CAMs on the embedded
 benchmarks/results/ablations.json and the ablations section of BENCHMARKS.md.
 
 Initialisation (the paper's ImageNet pre-training, Sec. 5.1): both networks of every run start from one backbone
-trained as a plain classifier on a *different* synthetic image set (`PRETRAIN_OVERRIDES`: other seed, twice the
-images, BN in train mode), exported with `acr.checkpoint.export_backbone` and cached under the ACR cache folder. From
+trained as a plain classifier on a *different* synthetic image set: the project's stand-in for ImageNet weights
+(acr/train/standin.py, what `model.pretrained: standin` resolves to), cached under the ACR cache folder. From
 random initialisation the classifier does not localise anything within this budget (measured: CAMs fire on
 background, 25 mIoU), so there is no partial activation for ACR to correct; `--pretrain-epochs 0` reproduces that.
 """
@@ -23,7 +23,6 @@ background, 25 mIoU), so there is no partial activation for ACR to correct; `--p
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -36,12 +35,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from acr.checkpoint import export_backbone  # noqa: E402
-from acr.config import load_config, to_dict  # noqa: E402
-from acr.data.synthetic import GENERATOR_VERSION, default_cache_dir  # noqa: E402
+from acr.config import load_config  # noqa: E402
 from acr.data.sources import dataset_root  # noqa: E402
 from acr.data.transforms import normalize  # noqa: E402
 from acr.train.driver import run_local  # noqa: E402
+from acr.train.standin import standin_weights  # noqa: E402
 from benchmarks.throughput import commit, machine, write_benchmarks_md  # noqa: E402
 
 PAPER = {  # VOC train, paper Tables 1-2: mIoU (%), precision, recall
@@ -62,13 +60,8 @@ EXTRA = {
 }
 NO_SRF = ["method.srf.enabled=false"]
 # Kept per run in the JSON: the scores, and the losses that say how well each network learnt its task.
-RUN_KEYS = ("cam_miou", "precision", "recall", "threshold", "seconds", "cu/loss_cls", "cu/loss_t", "cu/loss_nt",
-            "ru/loss_autoencode", "ru/loss_t", "ru/loss_nt")
-# The source task of the backbone pre-training: same classes and image statistics, different images.
-PRETRAIN_OVERRIDES = ["method.reconstructor=none", "synthetic.seed=101", "synthetic.train_images=640",
-                      "model.freeze_bn=false", "optim.lr=0.05"]
-
-
+RUN_KEYS = ("cam_miou", "precision", "recall", "threshold", "threshold_at_edge", "seconds", "cu/loss_cls", "cu/loss_t",
+            "cu/loss_nt", "ru/loss_autoencode", "ru/loss_t", "ru/loss_nt")
 def train(name: str, overrides: list[str], work: Path, base: list[str]) -> tuple[dict, Path]:
     cfg = load_config(REPO / "configs/demo.yaml", base + overrides)
     t = time.perf_counter()
@@ -81,19 +74,9 @@ def train(name: str, overrides: list[str], work: Path, base: list[str]) -> tuple
 
 
 def pretrained_backbone(epochs: int, base: list[str]) -> Path:
-    """The backbone every run starts from (cached by the resolved pre-training config)."""
-    overrides = base + PRETRAIN_OVERRIDES + [f"train.epochs={epochs}"]
-    cfg = load_config(REPO / "configs/demo.yaml", overrides)
-    key = hashlib.sha256(json.dumps({"v": GENERATOR_VERSION, "cfg": to_dict(cfg)}, sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
-    out = default_cache_dir(cfg.data.cache_dir) / "backbones" / f"{cfg.model.backbone}-{key}.pth"
-    if out.is_file():
-        print(f"pre-trained backbone (cached): {out}", flush=True)
-        return out
-    print(f"pre-training the backbone: {epochs} epochs on synthetic seed 101 -> {out}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        _, ckpt = train("backbone_pretraining", PRETRAIN_OVERRIDES + [f"train.epochs={epochs}"], Path(tmp), base)
-        return export_backbone(ckpt, out)
+    """The backbone every run starts from: the project's stand-in for ImageNet weights (acr.train.standin, the file
+    `model.pretrained: standin` resolves to), pre-trained for `epochs` epochs (cached by its recipe)."""
+    return standin_weights(load_config(REPO / "configs/demo.yaml", base), run_local, epochs=epochs)
 
 
 def reconstruction_references(cfg, root: Path, n: int = 64) -> dict:
@@ -232,8 +215,8 @@ def main() -> None:
     # Budget: args.epochs of the demo data per run (4: the full table takes about an hour here).
     base = ["train.log_every_steps=0", "train.threads_per_worker=2", f"train.epochs={args.epochs}", *args.overrides]
     t = time.perf_counter()
-    if args.pretrain_epochs:
-        base = base + [f"model.pretrained={pretrained_backbone(args.pretrain_epochs, base)}"]
+    base = base + [f"model.pretrained={pretrained_backbone(args.pretrain_epochs, base)}" if args.pretrain_epochs
+                   else "model.pretrained=null"]
     cfg = load_config(REPO / "configs/demo.yaml", base)
     init = (f"both networks from a backbone pre-trained for {args.pretrain_epochs} epochs as a classifier on 640 "
             "other synthetic images (the stand-in for ImageNet)" if args.pretrain_epochs else "random initialisation")

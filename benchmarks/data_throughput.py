@@ -78,19 +78,21 @@ def main() -> None:
     from acr.runtime.cluster import init_ray
 
     cfg = load_config(args.config, ["eval.enabled=false", "train.log_every_steps=0", "train.epochs=1",
-                                    *args.overrides])
+                                    "model.pretrained=null", *args.overrides])
     init_ray(cfg)
     res = {"size": f"{cfg.augment.crop_size} px crops, batch {cfg.train.batch_size}, demo data "
                    f"({cfg.synthetic.train_images} images)", "decode_actors": cfg.data.decode_actors}
     res["folder_jpeg_per_worker"] = {"images_per_second": folder_rate(cfg, 160)}
     # The stream alone: 4 epochs of the demo data, rate after 10 batches (the actor pool and the first blocks take
     # a few seconds to start; over a 40-batch stream that start-up would dominate).
-    stream_cfg = load_config(args.config, ["eval.enabled=false", "train.epochs=4", *args.overrides])
+    stream_cfg = load_config(args.config, ["eval.enabled=false", "train.epochs=4", "model.pretrained=null",
+                                           *args.overrides])
     for w in (1, 2):
         res[f"shards_stream_{w}_worker{'s' if w > 1 else ''}"] = {"images_per_second_per_worker":
                                                                 stream_rate(stream_cfg, w, 10)}
     train_cfg = load_config(args.config, ["eval.enabled=false", "train.log_every_steps=0", "train.epochs=1",
-                                          f"train.max_steps_per_epoch={args.steps}", *args.overrides])
+                                          f"train.max_steps_per_epoch={args.steps}", "model.pretrained=null",
+                                          *args.overrides])
     run = training_run(train_cfg, 2, args.warmup)
     res["training_2_workers"] = {"images_per_second_per_worker": run["images_per_second"] / 2,
                                  "data_wait_share": run["data_wait_share"], "steps_measured": run["steps_measured"]}

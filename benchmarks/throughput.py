@@ -440,7 +440,9 @@ def main() -> None:
 
     def cfg_for(extra=()):
         return load_config(args.config, [f"train.max_steps_per_epoch={args.steps}", "train.epochs=1",
-                                         "eval.enabled=false", "train.log_every_steps=0", *args.overrides, *extra])
+                                         "eval.enabled=false", "train.log_every_steps=0",
+                                         "model.pretrained=null",  # the weights do not change the time
+                                         *args.overrides, *extra])
 
     cfg = cfg_for()
     res = {"reference": reference_rates(args.threads), "size": f"{cfg.model.backbone}, batch {cfg.train.batch_size}, {cfg.augment.crop_size}x"

@@ -23,6 +23,7 @@ from acr.config import apply_overrides, load_config, parse_overrides, validate  
 from acr.runtime.errors import run_job  # noqa: E402
 from acr.storage import RunFolder  # noqa: E402
 from acr.segment.job import labels_job_config, run_segment  # noqa: E402
+from acr.train.driver import resolve_pretrained  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -41,6 +42,7 @@ def main(argv=None) -> None:
     cfg = job if job is not None else load_config(args.config or DEFAULT_CONFIG, job="segment")
     cfg = apply_overrides(cfg, overrides, source="the command line")
     validate(cfg, "segment")
+    cfg = resolve_pretrained(cfg, model=False, segment=True)  # segment.pretrained=standin (first use)
     summary = run_segment(cfg, out)
     print(f"DeepLab on '{summary['labels']}': val mIoU {summary['val_miou']:.4f} single scale, "
           f"{summary['val_miou_ms']:.4f} multi-scale + flip, {summary['val_miou_crf']:.4f} + CRF "

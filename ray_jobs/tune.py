@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from acr.cli import parse_job_args  # noqa: E402
 from acr.runtime.errors import run_job  # noqa: E402
 from acr.tuning import run_tune  # noqa: E402
+from acr.train.driver import resolve_pretrained  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,7 @@ def _flags(p) -> None:
 def main(argv=None) -> None:
     cfg, out, args = parse_job_args(__doc__.splitlines()[0], REPO / "configs" / "tune_demo.yaml", argv, job="tune",
                                     add_args=_flags)
+    cfg = resolve_pretrained(cfg)  # model.pretrained=standin: made once, before the trials
     summary = run_tune(cfg, args.space, out)
     print(f"best trial {summary['best_trial']}: CAM mIoU {summary['best_cam_miou']:.4f} on "
           f"'{summary['select_split']}' (selection), "

@@ -76,6 +76,7 @@ TINY_OVERRIDES = [
     "augment.resize_mode=scale", "augment.resize_range=[0.4,0.6]", "method.srf.grid_size=8",
     "synthetic.image_size=128", "synthetic.train_images=32", "synthetic.val_images=8",
     "eval.split=val", "eval.scales=[1.0]", "eval.overlays=2", "model.bn_calibration_images=8",
+    "model.pretrained=null",  # random initialisation (the demo's stand-in weights are tested in test_standin.py)
 ]
 
 

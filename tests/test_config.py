@@ -7,6 +7,7 @@ from tests.conftest import REPO
 def test_presets_load():
     demo = load_config(REPO / "configs/demo.yaml")
     assert demo.data.format == "synthetic" and demo.model.backbone == "resnet18"
+    assert demo.model.pretrained == "standin"  # the stand-in for ImageNet weights (tests/test_standin.py)
     off = load_config(REPO / "configs/voc_official.yaml", ["data.root=/data/VOC2012"])
     paper = load_config(REPO / "configs/voc_paper.yaml", ["data.root=/data/VOC2012"])
     assert off.optim.momentum_equals_weight_decay and not paper.optim.momentum_equals_weight_decay

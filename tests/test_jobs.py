@@ -34,7 +34,7 @@ def test_ray_job_submit_trains_on_real_voc(voc_mini, cache_dir, tmp_path):
         out = tmp_path / "voc"
         submit = ["ray", "job", "submit", "--address", head.job_address, "--working-dir", str(REPO), "--",
                   "python", "ray_jobs/train.py", "--output-dir", str(out), "data.format=voc", f"data.root={voc_mini}",
-                  "train.epochs=1", "eval.scales=[1.0]", f"data.cache_dir={cache_dir}"]
+                  "train.epochs=1", "eval.scales=[1.0]", "model.pretrained=null", f"data.cache_dir={cache_dir}"]
         # Token auth is on whenever ~/.ray/auth_token exists; asking for it explicitly works either way.
         env = _env(RAY_AUTH_MODE="token")
         for _ in range(12):  # the head's job agent comes up a few seconds after `ray start` returns

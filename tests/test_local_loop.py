@@ -51,6 +51,9 @@ def test_eval_reports_fractions_and_beats_nothing_by_construction(ray_local, tmp
     result = json.loads((s.last_checkpoint / "eval.json").read_text())
     assert len(result["sweep"]["miou"]) == len(result["sweep"]["thresholds"]) and result["num_images"] == 8
     assert result["cam_miou"] == max(result["sweep"]["miou"])
+    best = result["sweep"]["miou"].index(result["cam_miou"])  # flagged exactly when the best is an end of the range
+    ends = {0: "low", len(result["sweep"]["miou"]) - 1: "high"}
+    assert result["threshold_at_edge"] == ends.get(best) and result["threshold_range"] == [0.01, 0.99]
     assert (s.last_checkpoint / "cam_overlays.png").stat().st_size > 1000
 
 

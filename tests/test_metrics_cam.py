@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from acr.cam import floor_confusions, infer_cams
-from acr.metrics import Confusions, confusion_matrix, scores, threshold_sweep_confusion
+from acr.metrics import Confusions, best_threshold, confusion_matrix, scores, threshold_sweep_confusion
 from acr.models.classifier import Classifier
 
 
@@ -43,6 +43,31 @@ def test_threshold_sweep_matches_explicit_argmax():
     for t, conf in zip(ts, sweep):
         full = np.concatenate([np.full((1, 5, 6), t), cams])
         assert np.array_equal(conf, confusion_matrix(full.argmax(0), gt, 4))
+
+
+def test_threshold_sweep_by_hand_with_ties_and_ignored_pixels():
+    # 4 pixels, 2 classes: largest CAMs 0.3 (class 1), 0.5 (class 2, exactly a threshold), 0.9 (class 1), ignored
+    cams = np.array([[[0.3, 0.1, 0.9, 0.9]], [[0.2, 0.5, 0.0, 0.0]]], np.float32)
+    gt = np.array([[1, 2, 0, 255]])
+    sweep = threshold_sweep_confusion(cams, gt, np.array([0.1, 0.5, 0.95]))
+    want_01 = np.zeros((3, 3), np.int64)
+    want_01[1, 1] = want_01[2, 2] = want_01[0, 1] = 1  # every pixel above 0.1
+    want_05 = np.zeros((3, 3), np.int64)
+    want_05[1, 0] = want_05[2, 0] = want_05[0, 1] = 1  # 0.3 and 0.5 are not above 0.5: background
+    want_095 = np.zeros((3, 3), np.int64)
+    want_095[1, 0] = want_095[2, 0] = want_095[0, 0] = 1  # nothing above 0.95
+    assert np.array_equal(sweep, np.stack([want_01, want_05, want_095]))
+    with pytest.raises(ValueError, match="increasing"):
+        threshold_sweep_confusion(cams, gt, np.array([0.5, 0.1]))
+
+
+def test_the_best_threshold_says_when_it_lies_at_an_end_of_the_range():
+    ts = [0.1, 0.2, 0.3, 0.4]
+    assert best_threshold(ts, [0.2, 0.5, 0.4, 0.1]) == {"index": 1, "threshold": 0.2, "threshold_at_edge": None,
+                                                        "threshold_range": [0.1, 0.4]}
+    assert best_threshold(ts, [0.6, 0.5, 0.4, 0.1])["threshold_at_edge"] == "low"
+    assert best_threshold(ts, [0.1, 0.2, 0.3, 0.4])["threshold_at_edge"] == "high"
+    assert best_threshold(ts, [0.1, 0.2, 0.3, 0.4])["threshold"] == 0.4
 
 
 def test_floors():

@@ -153,6 +153,9 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 def load_backbone_weights(backbone: nn.Module, path: str | Path, name: str) -> None:
     """Load ImageNet weights into a backbone built by :func:`acr.models.backbones.build_backbone`. Every backbone
     tensor must be found with the right shape; extra tensors (the ImageNet classifier) are ignored."""
+    if str(path) == "standin":
+        raise WeightsError("pretrained=standin names the project's stand-in for ImageNet weights: the job resolves it "
+                           "to its file (acr.train.standin.resolve_standin, or `python ray_jobs/standin.py`)")
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")

@@ -149,12 +149,13 @@ class LocalSession(Session):
     """The same loop in this process, without Ray Train (one worker): the plain PyTorch baseline of the benchmarks.
     Checkpoints are copied to `folder/checkpoint_NNNNNN`; `reports` keeps every reported metrics dict."""
 
-    def __init__(self, folder: Path, datasets: dict, device: torch.device | str = "cpu"):
+    def __init__(self, folder: Path, datasets: dict, device: torch.device | str = "cpu", on_report=None):
         self.rank, self.world, self.device = 0, 1, torch.device(device)
         self.datasets = datasets
         self.folder = Path(folder)
         self.reports: list[dict] = []
         self.last_checkpoint: Path | None = None
+        self.on_report = on_report
 
     def restore(self, map_location="cpu") -> Restored | None:
         return None
@@ -165,6 +166,8 @@ class LocalSession(Session):
             dest = self.folder / f"checkpoint_{len(self.reports):06d}"
             shutil.copytree(folder, dest)
             self.last_checkpoint = dest
+        if self.on_report is not None:
+            self.on_report(metrics)
 
     def dataset(self, name: str):
         return self.datasets[name].iterator()

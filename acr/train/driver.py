@@ -17,6 +17,7 @@ from acr.data.shards import ShardIndex, find_corrupt_rows
 from acr.data.sources import ensure_shards
 from acr.runtime.cluster import init_ray
 from acr.runtime.session import LocalSession, resume_point
+from acr.train.standin import resolve_standin
 from acr.runtime.trainer import build_trainer, fit
 from acr.storage import RunFolder
 from acr.train.worker import EVAL_FILE, HISTORY_FILE, OVERLAYS_FILE, run_worker, train_loop_per_worker
@@ -38,6 +39,7 @@ def prepare_run(cfg: Config, start: tuple[int, int] = (0, 0), progress: bool = T
         bad = {r["index"] for r in corrupt}
         indices = [i for i in indices if i not in bad]
     init_ray(cfg, "train")  # the data checked first: a missing folder or bucket stops the job before Ray starts
+    cfg = resolve_pretrained(cfg)  # model.pretrained=standin: made on first use (after the data checks)
     start_epoch = min(start[0], cfg.train.epochs)
     plan = make_plan(indices, cfg, world or cfg.scaling.num_workers, start_epoch,
                      start[1] if start_epoch < cfg.train.epochs else 0)
@@ -49,12 +51,19 @@ def prepare_run(cfg: Config, start: tuple[int, int] = (0, 0), progress: bool = T
     return loop_config, datasets, info
 
 
-def run_local(cfg: Config, folder: Path, device: torch.device | str = "cpu") -> LocalSession:
+def resolve_pretrained(cfg: Config, model: bool = True, segment: bool = False) -> Config:
+    """`cfg` with `model.pretrained` (with `segment`: also `segment.pretrained`) = "standin" replaced by the file of
+    the stand-in for ImageNet weights, pre-trained with the plain loop on first use (acr.train.standin)."""
+    return resolve_standin(cfg, run_local, model, segment)
+
+
+def run_local(cfg: Config, folder: Path, device: torch.device | str = "cpu", on_report=None) -> LocalSession:
     """The training loop in this process, one worker, no Ray Train (the plain PyTorch loop of the benchmarks), fed
-    by the same Ray Data stream; returns the session with every report and the last checkpoint."""
+    by the same Ray Data stream; returns the session with every report and the last checkpoint. `on_report(metrics)`
+    is called at every report (a progress bar)."""
     init_ray(cfg)
     loop_config, datasets, _ = prepare_run(cfg, progress=False, world=1)
-    session = LocalSession(Path(folder), datasets, device)
+    session = LocalSession(Path(folder), datasets, device, on_report)
     run_worker(loop_config, session)
     return session
 

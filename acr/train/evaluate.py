@@ -13,7 +13,7 @@ from acr.cam import evaluate_image, infer_cams
 from acr.config import Config, num_classes
 from acr.data.ingest import eval_item
 from acr.errors import DataError
-from acr.metrics import Confusions, thresholds_from
+from acr.metrics import Confusions, best_threshold, thresholds_from
 from acr.runtime.collectives import reduce_sum_numpy
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,15 @@ def evaluate_split(classifier: torch.nn.Module, cfg: Config, eval_rows, shards: 
 
 def _result(cfg: Config, conf: Confusions, thresholds: np.ndarray, scored: int, skipped: int) -> dict:
     per_t = conf.sweep("sweep")
-    best = int(np.argmax([s["miou"] for s in per_t]))
+    chosen = best_threshold(thresholds, [s["miou"] for s in per_t])
+    best = chosen.pop("index")
+    if chosen["threshold_at_edge"]:
+        log.warning("CAM scores: the best background threshold %.2f is the %s end of eval.thresholds %s: a wider "
+                    "range may score higher", chosen["threshold"], chosen["threshold_at_edge"], cfg.eval.thresholds)
     return {
         "split": cfg.eval.split, "num_images": scored, "eval_skipped_corrupt": skipped,
         "cam_miou": per_t[best]["miou"], "precision": per_t[best]["precision"], "recall": per_t[best]["recall"],
-        "threshold": float(thresholds[best]), "per_class_iou": per_t[best]["iou"],
+        **chosen, "per_class_iou": per_t[best]["iou"],
         "sweep": {"thresholds": thresholds.tolist(), "miou": [s["miou"] for s in per_t],
                   "precision": [s["precision"] for s in per_t], "recall": [s["recall"] for s in per_t]},
         "floor_background_miou": conf.scores("floor_background")["miou"],

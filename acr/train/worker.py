@@ -253,6 +253,7 @@ def run_worker(loop_config: dict, session: Session) -> None:
             scored, _ = evaluate_split(unwrap(run.classifier), cfg, EvalRows(uri, manifest, cfg.eval.split), uri,
                                        session.rank, session.world, session.device)
             stats.update({k: scored[k] for k in ("cam_miou", "precision", "recall", "threshold")})
+            stats["threshold_at_edge"] = scored["threshold_at_edge"] or ""  # "low", "high" or "" (Tune's table)
         run.history["epochs"].append(stats)
         if session.rank == 0:
             log.info("epoch %d/%d done: %s (%.2f img/s)", epoch + 1, cfg.train.epochs,
@@ -277,4 +278,5 @@ def final_evaluation(run: Run, session: Session, uri: str, manifest: dict) -> No
     files = {EVAL_FILE: json.dumps(result, indent=1),
              OVERLAYS_FILE: lambda p: save_cam_overlays(Path(p), overlays, manifest["class_names"], result["threshold"])}
     report(run, session, {**last, "epoch": final, "cam_miou": result["cam_miou"], "precision": result["precision"],
-                          "recall": result["recall"], "threshold": result["threshold"]}, final, 0, files)
+                          "recall": result["recall"], "threshold": result["threshold"],
+                          "threshold_at_edge": result["threshold_at_edge"] or ""}, final, 0, files)
