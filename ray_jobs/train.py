@@ -23,7 +23,9 @@ def main(argv=None) -> None:
     summary = run_training(cfg, output_dir)
     if "cam_miou" in summary:
         print(f"CAM mIoU {summary['cam_miou']:.4f} (precision {summary['precision']:.4f}, recall "
-              f"{summary['recall']:.4f}, threshold {summary['threshold']:.2f}); floors: all background "
+              f"{summary['recall']:.4f}, threshold {summary['threshold']:.2f}"
+              + (f", at the {summary['threshold_at_edge']} end of eval.thresholds" if summary.get("threshold_at_edge")
+                 else "") + "); floors: all background "
               f"{summary['floor_background_miou']:.4f}, whole image {summary['floor_whole_image_miou']:.4f}")
     print(f"{summary['output_dir']}/summary.json")
 
