@@ -5,9 +5,13 @@ of the mean (nanmean, as IRN). Every value is a fraction in [0, 1]."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from acr.data.voc import IGNORE
+
+log = logging.getLogger(__name__)
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_labels: int) -> np.ndarray:
@@ -45,12 +49,16 @@ def threshold_sweep_confusion(cams: np.ndarray, gt: np.ndarray, thresholds: np.n
     return out
 
 
-def best_threshold(thresholds, miou) -> dict:
+def best_threshold(thresholds, miou, what: str) -> dict:
     """The best threshold of a sweep, and whether it lies at an end of the searched range ("low", "high" or None):
-    there a wider range may score higher, and the summary says so."""
+    there a wider range may score higher, the summary says so and a warning names `what` was scored."""
     thresholds = list(thresholds)
     i = int(np.nanargmax(miou))
     edge = "low" if i == 0 else "high" if i == len(thresholds) - 1 else None
+    if edge:
+        log.warning("%s: the best background threshold %.2f is the %s end of the searched range [%.2f, %.2f]: a "
+                    "wider range (eval.thresholds) may score higher", what, thresholds[i], edge, thresholds[0],
+                    thresholds[-1])
     return {"index": i, "threshold": float(thresholds[i]), "threshold_at_edge": edge,
             "threshold_range": [float(thresholds[0]), float(thresholds[-1])]}
 

@@ -63,11 +63,11 @@ def test_threshold_sweep_by_hand_with_ties_and_ignored_pixels():
 
 def test_the_best_threshold_says_when_it_lies_at_an_end_of_the_range():
     ts = [0.1, 0.2, 0.3, 0.4]
-    assert best_threshold(ts, [0.2, 0.5, 0.4, 0.1]) == {"index": 1, "threshold": 0.2, "threshold_at_edge": None,
+    assert best_threshold(ts, [0.2, 0.5, 0.4, 0.1], "t") == {"index": 1, "threshold": 0.2, "threshold_at_edge": None,
                                                         "threshold_range": [0.1, 0.4]}
-    assert best_threshold(ts, [0.6, 0.5, 0.4, 0.1])["threshold_at_edge"] == "low"
-    assert best_threshold(ts, [0.1, 0.2, 0.3, 0.4])["threshold_at_edge"] == "high"
-    assert best_threshold(ts, [0.1, 0.2, 0.3, 0.4])["threshold"] == 0.4
+    assert best_threshold(ts, [0.6, 0.5, 0.4, 0.1], "t")["threshold_at_edge"] == "low"
+    assert best_threshold(ts, [0.1, 0.2, 0.3, 0.4], "t")["threshold_at_edge"] == "high"
+    assert best_threshold(ts, [0.1, 0.2, 0.3, 0.4], "t")["threshold"] == 0.4
 
 
 def test_floors():

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from acr.data.ingest import labelled_rows
@@ -14,8 +12,6 @@ from acr.metrics import Confusions, best_threshold, threshold_sweep_confusion, t
 from acr.refine import pseudo
 from acr.refine.crf import CRF_PRESETS
 from acr.runtime.stages import ImageFiles, made, rows_of
-
-log = logging.getLogger(__name__)
 
 
 def seed_threshold(cfg, files: ImageFiles, uri: str, manifest: dict, n_classes: int) -> dict:
@@ -35,10 +31,7 @@ def seed_threshold(cfg, files: ImageFiles, uri: str, manifest: dict, n_classes: 
         raise ConfigError(f"split '{ps.split}' has no ground truth to choose the seed threshold: set "
                           "pseudo.seed_threshold")
     per_t = [s["miou"] for s in sweep.sweep("seed")]
-    chosen = best_threshold(thresholds, per_t)
-    if chosen["threshold_at_edge"]:
-        log.warning("seed level: the best background threshold %.2f is the %s end of eval.thresholds %s: a wider "
-                    "range may score higher", chosen["threshold"], chosen["threshold_at_edge"], cfg.eval.thresholds)
+    chosen = best_threshold(thresholds, per_t, "seed level")
     return {**out, "seed_threshold": chosen["threshold"],
             "seed_threshold_source": "best of eval.thresholds on the ground truth",
             "seed_threshold_at_edge": chosen["threshold_at_edge"],

@@ -69,11 +69,8 @@ def evaluate_split(classifier: torch.nn.Module, cfg: Config, eval_rows, shards: 
 
 def _result(cfg: Config, conf: Confusions, thresholds: np.ndarray, scored: int, skipped: int) -> dict:
     per_t = conf.sweep("sweep")
-    chosen = best_threshold(thresholds, [s["miou"] for s in per_t])
+    chosen = best_threshold(thresholds, [s["miou"] for s in per_t], "CAM scores")
     best = chosen.pop("index")
-    if chosen["threshold_at_edge"]:
-        log.warning("CAM scores: the best background threshold %.2f is the %s end of eval.thresholds %s: a wider "
-                    "range may score higher", chosen["threshold"], chosen["threshold_at_edge"], cfg.eval.thresholds)
     return {
         "split": cfg.eval.split, "num_images": scored, "eval_skipped_corrupt": skipped,
         "cam_miou": per_t[best]["miou"], "precision": per_t[best]["precision"], "recall": per_t[best]["recall"],
