@@ -36,13 +36,13 @@ def coco_mini() -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray for the tests of one module: 4 logical CPUs, so that training workers, the Ray Data decode
-    actor and Ray's own tasks never wait on each other on a 2-core machine."""
-    import ray
+    """A real local Ray for the tests of one module, started as the jobs start it (acr.runtime.cluster.init_ray: a Ray
+    of its own, never another one, with the jobs' Train settings) with 4 logical CPUs, so that training workers, the
+    Ray Data decode actor and Ray's own tasks never wait on each other on a 2-core machine."""
+    from tests.faults import local_ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False)  # a Ray of its own, never another one
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch
 from ray._private.services import find_gcs_addresses  # Ray 2.60 (pinned): the GCS processes on this machine
 
 from acr.config import Config, stage_workers
+from acr.runtime.quiet import quiet_local_ray
 
 log = logging.getLogger(__name__)
 
@@ -36,38 +37,6 @@ LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # streams would wait forever. A local Ray started for a search has these slots; on a cluster give them to `ray start`
 # (--resources='{"acr_trial_slot": N}').
 TRIAL_SLOT = "acr_trial_slot"
-
-# Loggers of Ray's that report known-harmless conditions of a Ray this job started itself, with a traceback:
-# - Train's autoscaling client asks Ray Data's autoscaling coordinator (an actor) for the workers' resources and
-#   gives up after 5 s when the coordinator is slow to start (a loaded machine): a 17-line GetTimeoutError that
-#   changes nothing, since a local Ray has no autoscaler to ask (on a joined cluster the warning is kept);
-# - without the dashboard Ray's state API is absent, and Train's placement-group cleaner logs every second that it
-#   cannot query it (a search always runs with the dashboard, where the cleaner works).
-QUIET_LOCAL_LOGGERS = {
-    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client": "Failed to send resource request",
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner": "Failed to query Ray Train Controller",
-}
-
-
-class _DropKnownHarmless(logging.Filter):
-    """Drops the records of a logger that start with a known-harmless message. A filter, not a level: Train
-    reconfigures its loggers in the controller (logging.config resets the levels of existing child loggers)."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
-def quiet_local_ray() -> None:
-    """Worker setup hook of a Ray the job started: see QUIET_LOCAL_LOGGERS."""
-    for name, prefix in QUIET_LOCAL_LOGGERS.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropKnownHarmless) for f in logger.filters):
-            logger.addFilter(_DropKnownHarmless(prefix))
-
 
 def _train_cpus(cfg: Config, workers: int) -> float:
     """One ACR training run: its workers, its Ray Data decode actors and one CPU for Ray Data's small tasks."""
@@ -128,7 +97,7 @@ def init_ray(cfg: Config, job: str = "train", trials: int = 0) -> None:
     runtime_env["env_vars"].update({k: os.environ.get(k, v) for k, v in LOCAL_RAY_ENV.items()})
     for k, v in runtime_env["env_vars"].items():
         os.environ.setdefault(k, v)
-    runtime_env["worker_process_setup_hook"] = "acr.runtime.cluster.quiet_local_ray"
+    runtime_env["worker_process_setup_hook"] = "acr.runtime.quiet.quiet_local_ray"
     quiet_local_ray()
     # Tune stops a trial (ASHA, or at its last epoch) by killing its driver, and with it Train's controller; the
     # worker group's placement group is then removed by Train's cleaner, which asks the state API, served by the
@@ -139,7 +108,7 @@ def init_ray(cfg: Config, job: str = "train", trials: int = 0) -> None:
     # with a traceback ("Found multiple active Ray instances") where other Ray instances run on the machine: with
     # the dashboard every stopped trial would leak its CPUs as above. So the dashboard gets a free port, and every
     # worker its address; without the dashboard the address is one where nothing answers, and the cleaner only
-    # notes (quietly, QUIET_LOCAL_LOGGERS) that it cannot ask, while Train removes the group itself at the end.
+    # notes (quietly, acr.runtime.quiet) that it cannot ask, while Train removes the group itself at the end.
     options: dict = {"dashboard_port": free_port()}
     runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
     if not dashboard:

@@ -64,7 +64,11 @@ def run_local(cfg: Config, folder: Path, device: torch.device | str = "cpu", on_
     init_ray(cfg)
     loop_config, datasets, _ = prepare_run(cfg, progress=False, world=1)
     session = LocalSession(Path(folder), datasets, device, on_report)
-    run_worker(loop_config, session)
+    threads = torch.get_num_threads()  # the loop sets a worker's (train.threads_per_worker): this process keeps its own
+    try:
+        run_worker(loop_config, session)
+    finally:
+        torch.set_num_threads(threads)
     return session
 
 
