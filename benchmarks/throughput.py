@@ -279,6 +279,7 @@ def cam_and_crf(cfg: Config, threads: int, images: int) -> dict:
     uri, manifest = ensure_shards(cfg, [cfg.eval.split], progress=False)
     rows = pq.read_table(f"{uri}/{manifest['splits'][cfg.eval.split]['shards'][0]['file']}").to_pylist()[:images]
     items = [eval_item(r, num_classes(cfg), r["id"]) for r in rows]
+    items = [{**it, "image": torch.from_numpy(it["image"]), "labels": torch.from_numpy(it["labels"])} for it in items]
     infer_cams(cls, items[0]["image"], items[0]["labels"], cfg.eval.scales, cfg.eval.flip)
     t = time.perf_counter()
     cams = [infer_cams(cls, it["image"], it["labels"], cfg.eval.scales, cfg.eval.flip).numpy() for it in items]

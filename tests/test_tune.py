@@ -47,6 +47,19 @@ def test_shipped_spaces_fit_their_configs():
     assert {"method.srf.q_start", "method.ru_target_weight", "method.cu_nontarget_weight", "optim.lr"} <= set(full)
 
 
+def _terminated(experiment) -> list[str]:
+    """The trials that Tune's experiment state (experiment_state-*.json, what a resumed search reads) records as
+    finished."""
+    done = []
+    for f in experiment.glob("experiment_state-*.json"):
+        try:
+            trials = [json.loads(t[0]) for t in json.loads(f.read_text())["trial_data"]]
+        except (ValueError, KeyError, IndexError, TypeError):  # being written
+            continue
+        done += [t.get("trial_id", "?") for t in trials if t.get("status") == "TERMINATED"]
+    return done
+
+
 @pytest.mark.slow
 def test_search_killed_midway_resumes_and_best_yaml_reproduces_the_trial(cache_dir, tmp_path):
     out = tmp_path / "tune"
@@ -67,8 +80,14 @@ def test_search_killed_midway_resumes_and_best_yaml_reproduces_the_trial(cache_d
         finished = [p for p in (out / "experiment").glob("*/result.json")
                     if len(p.read_text().splitlines()) >= 2]
     assert finished, "no trial finished within 10 minutes"
-    time.sleep(15)  # Tune records a finished trial in its experiment state within seconds
-    finished = [p for p in (out / "experiment").glob("*/result.json") if len(p.read_text().splitlines()) >= 2]
+    deadline = time.time() + 120  # Tune records a finished trial in its experiment state within seconds
+    while time.time() < deadline and not _terminated(out / "experiment") and proc.poll() is None:
+        time.sleep(0.5)
+    recorded = _terminated(out / "experiment")
+    assert recorded, "no finished trial recorded in Tune's experiment state"
+    finished = [p for p in (out / "experiment").glob("*/result.json") if len(p.read_text().splitlines()) >= 2
+                and any(t in p.parent.name for t in recorded)]
+    assert finished, (recorded, sorted(p.name for p in (out / "experiment").iterdir()))
     os.killpg(proc.pid, signal.SIGKILL)  # the search and the Ray it started (same process group)
     proc.wait()
     done_before = {p.parent.name: p.read_text() for p in finished}

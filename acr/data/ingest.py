@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import ray.data
-import torch
 
 from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes, iter_split_rows
 from acr.data.transforms import to_chw_normalized, train_transform
@@ -168,13 +167,15 @@ class EvalRows:
 
 
 def eval_item(row: dict, num_classes: int, where: str) -> dict:
-    """A read_parquet row of the eval split -> what CAM evaluation needs (raw image, normalised tensor, labels, mask)."""
+    """A read_parquet row of the eval split -> what CAM evaluation needs: the raw image, the normalised (3, H, W)
+    float32 image, the labels (float32) and the mask, as numpy arrays (this module imports no torch: Ray Data's
+    processes that run its UDFs stay light)."""
     raw = decode_image_bytes(row["image"], where)
     mask = decode_mask_bytes(row["mask"], where, num_classes) if row.get("mask") is not None else None
     if mask is not None and mask.shape != raw.shape[:2]:
         raise ValueError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]}, image {raw.shape[1]}x{raw.shape[0]}")
-    return {"id": row["id"], "raw": raw, "image": torch.from_numpy(to_chw_normalized(raw)),
-            "labels": torch.from_numpy(np.asarray(row["labels"], np.float32)), "mask": mask}
+    return {"id": row["id"], "raw": raw, "image": to_chw_normalized(raw),
+            "labels": np.asarray(row["labels"], np.float32), "mask": mask}
 
 
 def labelled_rows(uri: str, manifest: dict, split: str, max_images: int | None, num_classes: int):

@@ -30,12 +30,13 @@ def _score_row(classifier, cfg: Config, row: dict, where: str, device, threshold
     if item["mask"] is None:
         raise DataError(f"{where} has no ground-truth mask; eval.split must have masks")
     dtype = next(classifier.parameters()).dtype
-    cams = infer_cams(classifier, item["image"].to(device, dtype), item["labels"].to(device, dtype),
-                      cfg.eval.scales, cfg.eval.flip).float().cpu().numpy()
-    per_image = evaluate_image(cams, item["labels"].numpy(), item["mask"], thresholds)
+    cams = infer_cams(classifier, torch.from_numpy(item["image"]).to(device, dtype),
+                      torch.from_numpy(item["labels"]).to(device, dtype), cfg.eval.scales, cfg.eval.flip)
+    cams = cams.float().cpu().numpy()
+    per_image = evaluate_image(cams, item["labels"], item["mask"], thresholds)
     for name in ("sweep", "floor_background", "floor_whole_image"):
         conf.add_matrix(name, per_image[name])
-    return {**{k: item[k] for k in ("id", "raw", "mask")}, "labels": item["labels"].numpy(), "cams": cams}
+    return {**{k: item[k] for k in ("id", "raw", "mask", "labels")}, "cams": cams}
 
 
 def evaluate_split(classifier: torch.nn.Module, cfg: Config, eval_rows, shards: str, rank: int, world: int,
