@@ -104,7 +104,8 @@ def train_irn(cfg: Config, job: RunFolder, ckpt: str, shards: tuple, total: int,
     ps, folder = cfg.pseudo, job.sub(IRN_DIR)
     start = resume_point(folder)
     if start[0] >= ps.irn_epochs:
-        return {"kept": True, "history": read_latest(folder).state["history"]}
+        state = read_latest(folder).state
+        return {"kept": True, "history": state["history"], "resumes": state.get("resumes", [])}
     plan = irn_plan(cfg, total, start)
     files = ImageFiles(job, pseudo.SUFFIXES)
     datasets = epoch_datasets(plan, lambda e, first: positions(plan.steps_per_epoch * plan.batch_size - first)
@@ -115,8 +116,9 @@ def train_irn(cfg: Config, job: RunFolder, ckpt: str, shards: tuple, total: int,
     t0 = time.perf_counter()
     loop_config = {"config": to_dict(cfg), "checkpoint": ckpt, "plan": asdict(plan)}
     fit(build_trainer(irn_worker, loop_config, folder, datasets, cfg, stage_workers(cfg, "irn")))
-    return {"kept": False, "resumed_from": list(start) if start != (0, 0) else None,
-            "history": read_latest(folder).state["history"], "seconds": round(time.perf_counter() - t0, 2)}
+    state = read_latest(folder).state
+    return {"kept": False, "resumed_from": list(start) if start != (0, 0) else None, "history": state["history"],
+            "resumes": state.get("resumes", []), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def load_trained_irn(cfg: Config, job: RunFolder | str | Path, device: torch.device | str = "cpu") -> IRNet:

@@ -57,6 +57,7 @@ class LoopState:
     step: int = 0
     counters: LoopCounters = field(default_factory=LoopCounters)
     history: list = field(default_factory=list)
+    resumes: list = field(default_factory=list)  # [epoch, step] of every checkpoint a worker group restarted from
 
 
 def epoch_datasets(plan: LoopPlan, make_epoch: Callable[[int, int], object]) -> dict:
@@ -74,7 +75,8 @@ def restore_into(session: Session, model: nn.Module, optimizer: torch.optim.Opti
     model.load_state_dict(restored.state["model"])
     optimizer.load_state_dict(restored.state["optimizer"])
     return LoopState(restored.epoch, restored.step_in_epoch, LoopCounters(**restored.state["counters"]),
-                     list(restored.state["history"]))
+                     list(restored.state["history"]),
+                     list(restored.state.get("resumes", [])) + [[restored.epoch, restored.step_in_epoch]])
 
 
 def _batches(session: Session, plan: LoopPlan, state: LoopState, epoch: int):
@@ -97,7 +99,8 @@ def train_epochs(session: Session, model: nn.Module, ddp: nn.Module, optimizer: 
 
     def checkpoint(metrics: dict, epoch: int, step: int) -> None:
         snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "counters": asdict(state.counters), "history": state.history, **(extra_state or {})}
+                    "counters": asdict(state.counters), "history": state.history, "resumes": state.resumes,
+                    **(extra_state or {})}
         session.report(metrics, epoch, step, state=snapshot if session.rank == 0 else None)
 
     for epoch in range(state.epoch, plan.epochs):

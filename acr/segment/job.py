@@ -163,6 +163,7 @@ def _finish(cfg: Config, folder: RunFolder, files: ImageFiles, summary: dict, st
     sg = cfg.segment
     t0 = time.perf_counter()
     summary["history"], summary["epochs"] = state["history"], int(state["epoch"])
+    summary["resumes"] = state.get("resumes", [])  # every [epoch, step] the training restarted from
     result, items = evaluate_predictions(files, uri, manifest, sg.val_split, sg.max_val_images, num_classes(cfg),
                                          sg.overlays)
     summary.update(result)
