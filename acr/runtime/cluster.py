@@ -97,7 +97,7 @@ def init_ray(cfg: Config, job: str = "train", trials: int = 0) -> None:
     runtime_env["env_vars"].update({k: os.environ.get(k, v) for k, v in LOCAL_RAY_ENV.items()})
     for k, v in runtime_env["env_vars"].items():
         os.environ.setdefault(k, v)
-    runtime_env["worker_process_setup_hook"] = "acr.runtime.quiet.quiet_local_ray"
+    runtime_env["worker_process_setup_hook"] = f"{quiet_local_ray.__module__}.{quiet_local_ray.__qualname__}"
     quiet_local_ray()
     # Tune stops a trial (ASHA, or at its last epoch) by killing its driver, and with it Train's controller; the
     # worker group's placement group is then removed by Train's cleaner, which asks the state API, served by the
