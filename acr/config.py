@@ -210,9 +210,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Compute threads per worker (null = torch's default).
     threads_per_worker: int | None = None
-    # `auto`: bf16 autocast on CUDA, fp32 on the CPU. `bf16`: autocast to bfloat16 on any device. `fp64`: everything
-    # in float64, for numerical checks (max-normalised CAMs with a tiny range amplify float32 rounding noise).
-    precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
+    # `auto`: bf16 autocast on CUDA, fp32 on the CPU. `bf16`: autocast to bfloat16 on any device. `bf16_where_fast`:
+    # bf16 autocast where the device has fast bf16 kernels (CUDA, or a CPU with oneDNN's AVX512-BF16 / AMX ones),
+    # fp32 elsewhere (the demo configs: same CAM mIoU as fp32 in BENCHMARKS.md's ablations). `fp64`: everything in
+    # float64, for numerical checks (max-normalised CAMs with a tiny range amplify float32 rounding noise).
+    precision: Literal["auto", "fp32", "bf16", "bf16_where_fast", "fp64"] = "auto"
     # Networks and images in NHWC memory layout (torch.channels_last): oneDNN's fast convolution path on CPUs, tensor
     # cores on GPUs. The same computation as NCHW, in another summation order.
     channels_last: bool = True
@@ -313,7 +315,9 @@ class PseudoConfig:
     exp_times: int = 8  # 2**exp_times random-walk steps
     walk_radius: int = 5
     cam_power: float = 1.0  # CAMs**power before the walk (RIB: 1.3)
-    sem_seg_bg_threshold: float = 0.25  # IRN (RIB: 0.27)
+    # The mask's background: where no walked CAM (divided by the maximum) reaches this (IRN: 0.25, RIB: 0.27;
+    # null: the seed level's threshold, which is chosen on the ground truth where pseudo.seed_threshold is null).
+    sem_seg_bg_threshold: float | None = 0.25
     actors: int = 2  # CAM / mask actor pool size (each holds its model once)
     actor_cpus: float = 1.0
     overlays: int = 6
@@ -713,6 +717,8 @@ def _pseudo_rules(cfg: Config) -> None:
           "pseudo.irn_batch_size, pseudo.irn_epochs and pseudo.actors must be >= 1, pseudo.actor_cpus > 0")
     _need(ps.beta > 0 and ps.exp_times >= 0 and ps.cam_power > 0, "pseudo.beta and pseudo.cam_power must be > 0, "
           "pseudo.exp_times >= 0")
+    _need(ps.sem_seg_bg_threshold is None or 0 <= ps.sem_seg_bg_threshold <= 1,
+          f"pseudo.sem_seg_bg_threshold must be in [0, 1] or null (the seed threshold), got {ps.sem_seg_bg_threshold}")
     workers = stage_workers(cfg, "irn")
     _need(workers >= 1, f"pseudo.irn_num_workers must be >= 1 or null, got {ps.irn_num_workers}")
     _need(ps.irn_batch_size % workers == 0, f"pseudo.irn_batch_size={ps.irn_batch_size} must divide evenly among "

@@ -216,6 +216,21 @@ def test_bf16_autocast_stays_close_to_fp32(setup):
     assert bf16["ru/loss"] != fp32["ru/loss"]  # bf16 really ran
 
 
+def test_bf16_where_fast_means_bf16_exactly_where_the_device_has_bf16_kernels():
+    """train.precision=bf16_where_fast (the demo configs): bf16 autocast on CUDA and on a CPU with oneDNN bf16
+    kernels, fp32 on any other CPU; `auto` stays fp32 on the CPU, and only `bf16` forces it."""
+    from acr.method.step import autocast_context, uses_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    has_kernels = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert uses_bf16(cpu, "bf16_where_fast") is has_kernels and uses_bf16(cuda, "bf16_where_fast")
+    assert [uses_bf16(cpu, p) for p in ("auto", "fp32", "fp64", "bf16")] == [False, False, False, True]
+    assert uses_bf16(cuda, "auto") and not uses_bf16(cuda, "fp32")
+    with autocast_context(cpu, "bf16_where_fast"):
+        y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert y.dtype == (torch.bfloat16 if has_kernels else torch.float32)
+
+
 def test_adversarial_losses_take_a_map_at_any_resolution(setup):
     """The CU terms of a target map given at image resolution (as benchmarks/cu_objective.py scores ground-truth
     masks) with decomposition at the feature resolution: the decoder inputs use the map area-averaged to the feature

@@ -114,7 +114,7 @@ def test_stage_1_runs_only_where_needed_and_a_cut_summary_is_not_finished(tmp_pa
     assert not needs_classifier(load_config(None, given + ["segment.pretrained=/w.pth"]))
     assert not needs_classifier(load_config(None, given + ["pipeline.init_segmentation_from_classifier=false"]))
     demo = load_config(REPO / "configs/pipeline_demo.yaml")  # DeepLab starts from the classifier: same backbone
-    assert demo.pipeline.search and demo.segment.backbone == demo.model.backbone and needs_classifier(demo)
+    assert not demo.pipeline.search and demo.segment.backbone == demo.model.backbone and needs_classifier(demo)
     (tmp_path / "summary.json").write_text('{"val_miou": 0.')  # killed while writing it
     assert finished(tmp_path) is None
     (tmp_path / "summary.json").write_text('{"val_miou": 0.5}')

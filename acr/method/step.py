@@ -26,9 +26,22 @@ class StepCounters:
     skipped_steps: int = 0
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether `device` has bf16 kernels: CUDA, or a CPU where oneDNN has them (AVX512-BF16 or AMX; without them bf16
+    convolutions fall back to a path hundreds of times slower)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether train.precision `precision` means bf16 autocast on `device`."""
+    return (precision == "bf16" or (precision == "auto" and device.type == "cuda")
+            or (precision == "bf16_where_fast" and bf16_is_fast(device)))
+
+
 def autocast_context(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not uses_bf16(device, precision):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

@@ -77,6 +77,10 @@ def _stages(cfg: Config, folder: RunFolder, files: ImageFiles, ids: list[str], s
                                      bg=ps.conf_bg_threshold, num_classes=n_classes, shards=shards, where=where,
                                      order=order), batch_size=4, num_cpus=ps.actor_cpus))
     stages["irn"] = train_irn(cfg, folder, ps.checkpoint, shards, len(ids), where)
+    if ps.sem_seg_bg_threshold is None:
+        cfg = apply_overrides(cfg, {"pseudo.sem_seg_bg_threshold": threshold})
+        summary["mask_bg_threshold_source"] = "the seed threshold"
+    summary["mask_bg_threshold"] = cfg.pseudo.sem_seg_bg_threshold
     stages["masks"] = run_stage("masks", files, ids, (pseudo.MASKS,), lambda order: positions(len(order)).map_batches(
         WalkStage, fn_constructor_kwargs=dict(cfg_dict=to_dict(cfg), files=files, shards=shards, where=where,
                                               order=order), **actor))

@@ -26,7 +26,7 @@ from acr.errors import CheckpointError, ConfigError
 from acr.method.acr import unwrap
 from acr.method.optim import build_optimizer, build_reconstructor_optimizer
 from acr.method.schedules import srf_probability
-from acr.method.step import StepCounters, memory_layout, train_step
+from acr.method.step import StepCounters, bf16_is_fast, memory_layout, train_step, uses_bf16
 from acr.models.backbones import calibrate_batchnorm
 from acr.models.factory import build_classifier, build_reconstructor
 from acr.runtime.collectives import all_gather, peak_rss_mb, reduce_mean, replica_divergence
@@ -65,9 +65,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def _check_worker(cfg: Config, plan: TrainPlan, session: Session) -> None:
     if plan.world != session.world:
         raise ConfigError(f"the training stream was cut for {plan.world} workers, this run has {session.world}")
-    if cfg.train.precision == "bf16" and session.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if cfg.train.precision == "bf16" and not bf16_is_fast(session.device):
         raise ConfigError("train.precision=bf16: this CPU has no oneDNN bf16 kernels (they need AVX512-BF16 or AMX); "
-                          "bf16 convolutions would fall back to a path hundreds of times slower. Use fp32 here.")
+                          "bf16 convolutions would fall back to a path hundreds of times slower. Use fp32 here, or "
+                          "bf16_where_fast (bf16 where it is fast, fp32 elsewhere).")
 
 
 def build_run(cfg: Config, plan: TrainPlan, rank: int) -> Run:
@@ -221,7 +222,8 @@ def _epoch_stats(run: Run, epoch: int, q: float, sums: dict, n_steps: int, t_ste
     speed = float(reduce_mean(torch.tensor(n_steps * run.cfg.train.batch_size / world / max(t_steps, 1e-9))) * world)
     stats = {"epoch": epoch, **dict(zip(keys, means)), "srf_q": q, "images_per_second": speed,
              "skipped_steps": run.counters.skipped_steps, "peak_rss_mb": peak_rss_mb(),
-             "dropped_images": run.plan.dropped_per_epoch,
+             "dropped_images": run.plan.dropped_per_epoch,  # and what train.precision meant on this device:
+             "bf16_autocast": uses_bf16(next(unwrap(run.classifier).parameters()).device, run.cfg.train.precision),
              "replica_divergence": replica_divergence(run.classifier, run.reconstructor)}
     if run.cfg.method.reconstructor == "adversarial":  # after the epoch's last CU step G holds no gradients
         stats["reconstructor_grads_after_cu"] = sum(p.grad is not None for p in run.reconstructor.parameters())
