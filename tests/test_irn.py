@@ -199,7 +199,9 @@ def test_irnet_branch_trains_on_a_frozen_backbone():
     out.mean().backward()
     assert all(p.grad is None for p in backbone.parameters())
     assert all(p.grad is not None for p in net.trainable_parameters())
-    assert net.fuse.weight.grad.abs().sum().item() > 0 and net.branches[0][0].weight.grad.abs().sum().item() > 0
+    assert net.features == ("stem", "stage3", "stage4", "stage5", "final")  # IRN's five taps, x1 (the stem) first
+    assert net.fuse.in_channels == 5 * 16 and net.branches[0][0].in_channels == 64
+    assert all(b[0].weight.grad.abs().sum().item() > 0 for b in net.branches) and net.fuse.weight.grad.abs().sum() > 0
     assert torch.equal(bns[0].running_mean, mean_before)
     trainable = {id(p) for p in net.trainable_parameters()}
     assert trainable.isdisjoint(id(p) for p in backbone.parameters())

@@ -147,16 +147,16 @@ class TorchvisionResNet(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         expansion = 4 if name in ("resnet50", "resnet101") else 1
-        self.out_channels = {"stage3": 64 * expansion, "stage4": 128 * expansion, "stage5": 256 * expansion,
-                             "final": 512 * expansion}
+        self.out_channels = {"stem": 64, "stage3": 64 * expansion, "stage4": 128 * expansion,
+                             "stage5": 256 * expansion, "final": 512 * expansion}
         self.output_stride = output_stride
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        s3 = self.layer1(x)
+        stem = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # stride 4: IRN's x1 (its boundary branch's 1st tap)
+        s3 = self.layer1(stem)
         s4 = self.layer2(s3)
         s5 = self.layer3(s4)
-        return {"stage3": s3, "stage4": s4, "stage5": s5, "final": self.layer4(s5)}
+        return {"stem": stem, "stage3": s3, "stage4": s4, "stage5": s5, "final": self.layer4(s5)}
 
 
 def _resnet38d(output_stride: int, dropout: bool) -> nn.Module:

@@ -226,11 +226,12 @@ def confident_labels(image: np.ndarray, cams: np.ndarray, labels: np.ndarray, fg
 
 class IRNet(nn.Module):
     """IRN's class boundary branch (net/resnet50_irn.py fc_edge1..6) on a frozen backbone: for each of the backbone's
-    features stage3 (stride 4), stage4, stage5, final: Conv1x1(c -> width, no bias) + GroupNorm(4, width), bilinear
-    upsampling to the stage3 size, ReLU; concatenated; Conv1x1(4 width -> 1) and sigmoid. The backbone has no
-    gradients and stays in eval mode (IRN's Net.train / .detach())."""
+    features stem (IRN's x1: conv1-bn-relu-maxpool, stride 4; torchvision ResNets), stage3 (stride 4), stage4, stage5,
+    final: Conv1x1(c -> width, no bias) + GroupNorm(4, width), bilinear upsampling to the stage3 size, ReLU;
+    concatenated; Conv1x1(n width -> 1) and sigmoid. ResNet-38 has no stem tap (its stride-4 features start at b3):
+    four branches. The backbone has no gradients and stays in eval mode (IRN's Net.train / .detach())."""
 
-    FEATURES = ("stage3", "stage4", "stage5", "final")
+    TAPS = ("stem", "stage3", "stage4", "stage5", "final")
 
     def __init__(self, backbone: nn.Module, width: int = 32):
         super().__init__()
@@ -239,10 +240,11 @@ class IRNet(nn.Module):
         self.backbone = backbone
         for p in self.backbone.parameters():
             p.requires_grad_(False)
+        self.features = tuple(name for name in self.TAPS if name in backbone.out_channels)
         self.branches = nn.ModuleList(
             nn.Sequential(nn.Conv2d(backbone.out_channels[name], width, 1, bias=False), nn.GroupNorm(4, width))
-            for name in self.FEATURES)
-        self.fuse = nn.Conv2d(len(self.FEATURES) * width, 1, 1, bias=True)
+            for name in self.features)
+        self.fuse = nn.Conv2d(len(self.features) * width, 1, 1, bias=True)
         self.backbone.eval()
 
     def train(self, mode: bool = True) -> IRNet:
@@ -270,7 +272,7 @@ class IRNet(nn.Module):
             features = self.backbone(image)
         size = features["stage3"].shape[-2:]
         maps = []
-        for name, branch in zip(self.FEATURES, self.branches):
+        for name, branch in zip(self.features, self.branches):
             f = branch(features[name].detach())
             if f.shape[-2:] != size:
                 f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
