@@ -54,6 +54,9 @@ def test_checkpoint_is_found_from_a_run_or_tune_folder_and_bad_ones_are_named(vo
         _job(voc_checkpoint, **{"pseudo.crf": "bogus"})
     with pytest.raises(ConfigError, match="pseudo.conf_bg_threshold"):
         _job(voc_checkpoint, **{"pseudo.conf_bg_threshold": 0.5, "pseudo.conf_fg_threshold": 0.3})
+    with pytest.raises(ConfigError, match=r"pseudo.sem_seg_bg_threshold must be in \[0, 1\] or null .* got 1.5"):
+        _job(voc_checkpoint, **{"pseudo.sem_seg_bg_threshold": 1.5})
+    assert _job(voc_checkpoint, **{"pseudo.sem_seg_bg_threshold": None}).pseudo.sem_seg_bg_threshold is None
 
 
 def test_files_made_with_other_settings_are_not_reused(tmp_path):
