@@ -297,7 +297,9 @@ class PseudoConfig:
     # the labelled images, which the summary says; needed explicitly where no ground truth exists).
     seed_threshold: float | None = None
     crf: str = "psa"  # the +CRF level's parameters (acr.refine.crf.CRF_PRESETS: psa, afa, deeplab)
-    conf_fg_threshold: float = 0.30  # IRN cam_to_ir_label (RIB: 0.35)
+    # IRN's confident foreground: CAM above this (IRN cam_to_ir_label 0.30, RIB: 0.35; null: the seed threshold, but
+    # not below conf_bg_threshold, for CAMs whose background sits higher than VOC's; summary.json records the value).
+    conf_fg_threshold: float | None = 0.30
     conf_bg_threshold: float = 0.05  # IRN (RIB: 0.17)
     irn_radius: int = 10  # IRN PathIndex radius for training pairs (at stride 4)
     irn_crop_size: int = 512
@@ -704,7 +706,8 @@ def _tune_rules(cfg: Config) -> None:
 
 def _pseudo_rules(cfg: Config) -> None:
     ps = cfg.pseudo
-    _need(0 < ps.conf_bg_threshold <= ps.conf_fg_threshold < 1,
+    fg = 1 - 1e-9 if ps.conf_fg_threshold is None else ps.conf_fg_threshold
+    _need(0 < ps.conf_bg_threshold <= fg < 1,
           f"pseudo.conf_bg_threshold ({ps.conf_bg_threshold}) must be in (0, pseudo.conf_fg_threshold "
           f"({ps.conf_fg_threshold})] and both below 1")
     _need(ps.seed_threshold is None or 0 < ps.seed_threshold < 1,

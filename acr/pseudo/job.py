@@ -68,12 +68,14 @@ def _stages(cfg: Config, folder: RunFolder, files: ImageFiles, ids: list[str], s
     summary.update(seed_threshold(cfg, files, shards[0], shards[1], n_classes))
     stages["seed_sweep"] = {"seconds": round(time.perf_counter() - t0, 2)}
     threshold = summary["seed_threshold"]
-    check_stage_params(folder, {"seed_threshold": threshold, "crf": ps.crf, "conf_fg_threshold": ps.conf_fg_threshold,
+    fg = max(threshold, ps.conf_bg_threshold) if ps.conf_fg_threshold is None else ps.conf_fg_threshold
+    summary["conf_fg_threshold"] = fg
+    check_stage_params(folder, {"seed_threshold": threshold, "crf": ps.crf, "conf_fg_threshold": fg,
                                 "conf_bg_threshold": ps.conf_bg_threshold}, "refine",
                        f"{folder.uri(pseudo.CRF)} and {folder.uri(pseudo.IR_LABELS)}")
     stages["refine"] = run_stage("crf + confident labels", files, ids, (pseudo.CRF, pseudo.IR_LABELS),
                                  lambda order: positions(len(order)).map_batches(refine_rows, fn_kwargs=dict(
-                                     files=files, threshold=threshold, crf=ps.crf, fg=ps.conf_fg_threshold,
+                                     files=files, threshold=threshold, crf=ps.crf, fg=fg,
                                      bg=ps.conf_bg_threshold, num_classes=n_classes, shards=shards, where=where,
                                      order=order), batch_size=4, num_cpus=ps.actor_cpus))
     stages["irn"] = train_irn(cfg, folder, ps.checkpoint, shards, len(ids), where)
