@@ -706,8 +706,8 @@ def _tune_rules(cfg: Config) -> None:
 
 def _pseudo_rules(cfg: Config) -> None:
     ps = cfg.pseudo
-    fg = 1 - 1e-9 if ps.conf_fg_threshold is None else ps.conf_fg_threshold
-    _need(0 < ps.conf_bg_threshold <= fg < 1,
+    fg = ps.conf_fg_threshold
+    _need(0 < ps.conf_bg_threshold < 1 and (fg is None or ps.conf_bg_threshold <= fg < 1),
           f"pseudo.conf_bg_threshold ({ps.conf_bg_threshold}) must be in (0, pseudo.conf_fg_threshold "
           f"({ps.conf_fg_threshold})] and both below 1")
     _need(ps.seed_threshold is None or 0 < ps.seed_threshold < 1,
