@@ -2,6 +2,7 @@
 
     python benchmarks/ablations.py                     # every row, 3 seeds, 4 epochs per run (about an hour)
     python benchmarks/ablations.py --quick             # one seed of `baseline` and `adversarial_srf`, smaller budget
+    python benchmarks/ablations.py --budgets 3 20      # `baseline` vs `adversarial_srf` at each budget, 3 seeds
 
 Rows (paper Table 1): baseline (classification only), pretrained (reconstructor trained against the frozen baseline
 classifier, then a new classifier trained against it, frozen: paper Sec. 5.3) without / with SRF, adversarial
@@ -204,9 +205,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="epochs of the demo data per run (identical for every row)")
     ap.add_argument("--pretrain-epochs", type=int, default=10,
                     help="epochs of backbone pre-training on another synthetic set (0: random initialisation)")
+    ap.add_argument("--budgets", type=int, nargs="+", metavar="EPOCHS",
+                    help="instead of the tables: baseline vs adversarial_srf at each of these epoch budgets")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml for every run")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.budgets:
+        return budget_sweep(args)
     rows = list(PAPER) + list(EXTRA)
     if args.quick:
         # One seed of two rows, 2 epochs each (never fewer steps per epoch: at 20 steps per epoch the classifier is far
@@ -262,6 +267,54 @@ def write_results(args, rows: list[str], per_seed: list[dict], budget: str, base
                         f"Command: `{result['command']}` (commit {result['commit']}, {result['minutes']:.0f} min).\n\n"
                         + text)
     print(text, flush=True)
+
+def budget_sweep(args) -> None:
+    """ACR's own effect against the budget: `baseline` and `adversarial_srf` (the released settings, configs/demo.yaml
+    as it is, its precision included) for every seed at every epoch budget, from the same stand-in backbone."""
+    base = ["train.log_every_steps=0", "train.threads_per_worker=2", *args.overrides]
+    t0 = time.perf_counter()
+    base.append(f"model.pretrained={pretrained_backbone(args.pretrain_epochs, base)}")
+    cfg = load_config(REPO / "configs/demo.yaml", base)
+    steps = min(cfg.synthetic.train_images // cfg.train.batch_size, cfg.train.max_steps_per_epoch or 10**9)
+    result = {"budgets": [], "commit": commit(), "machine": machine(),
+              "command": " ".join(["python", "benchmarks/ablations.py", *sys.argv[1:]])}
+    out = REPO / "benchmarks" / "results" / "ablations_budgets.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        for epochs in args.budgets:
+            per_seed = []
+            for seed in args.seeds:
+                print(f"{epochs} epochs, seed {seed}", flush=True)
+                b = base + [f"train.epochs={epochs}", f"train.seed={seed}"]
+                work = Path(tmp) / f"e{epochs}s{seed}"
+                per_seed.append({row: train(row, o, work, b)[0] for row, o in
+                                 (("baseline", ["method.reconstructor=none"]), ("adversarial_srf", []))})
+            rows = summarise(per_seed, ["baseline", "adversarial_srf"], args.seeds)
+            diffs = [100 * (r["adversarial_srf"]["cam_miou"] - r["baseline"]["cam_miou"]) for r in per_seed]
+            result["budgets"].append({"epochs": epochs, "steps": epochs * steps, "rows": rows, "acr_minus_baseline": diffs,
+                                      "runs": [{"seed": s, **{k: {m: r[k][m] for m in RUN_KEYS if m in r[k]} for k in r}}
+                                               for s, r in zip(args.seeds, per_seed)]})
+            result["minutes"] = (time.perf_counter() - t0) / 60
+            out.write_text(json.dumps(result, indent=1))  # after every budget: an interrupted run keeps what it measured
+    text = budget_markdown(result, cfg)
+    write_benchmarks_md("ablations by budget", text)
+    print(text, flush=True)
+
+
+def budget_markdown(result: dict, cfg) -> str:
+    lines = ["| epochs | classifier steps | row | CAM mIoU (%) | precision | recall | ACR minus baseline, per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for b in result["budgets"]:
+        for r in b["rows"]:
+            d = ", ".join(f"{x:+.1f}" for x in b["acr_minus_baseline"]) if r["id"] == "adversarial_srf" else ""
+            m, p, rc = (r[k] for k in ("cam_miou", "precision", "recall"))
+            lines.append(f"| {b['epochs']} | {b['steps']} | `{r['id']}` | {100 * m['mean']:.1f} ± {100 * m['std']:.1f} | "
+                         f"{p['mean']:.3f} ± {p['std']:.3f} | {rc['mean']:.3f} ± {rc['std']:.3f} | {d} |")
+    return (f"Command: `{result['command']}` (commit {result['commit']}, {result['minutes']:.0f} min). configs/demo.yaml "
+            f"as it is ({cfg.model.backbone}, {cfg.augment.crop_size} px, {cfg.synthetic.train_images} train images, "
+            f"batch {cfg.train.batch_size}, precision `{cfg.train.precision}`, the stand-in backbone), seeds "
+            f"{result['budgets'][0]['rows'][0]['seeds']}; mean ± std over seeds, CAM mIoU on the embedded val split.\n\n"
+            + "\n".join(lines) + "\n")
+
 
 if __name__ == "__main__":
     main()
