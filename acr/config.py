@@ -320,6 +320,9 @@ class PseudoConfig:
     # The mask's background: where no walked CAM (divided by the maximum) reaches this (IRN: 0.25, RIB: 0.27;
     # null: the seed level's threshold, which is chosen on the ground truth where pseudo.seed_threshold is null).
     sem_seg_bg_threshold: float | None = 0.25
+    # The walked scores refined by the dense CRF of the +CRF level (pseudo.crf) before the argmax (IRN: no CRF): the
+    # walk runs on a stride-4 grid, so its mask's edges are 4-pixel steps that the CRF snaps to the image's edges.
+    mask_crf: bool = False
     actors: int = 2  # CAM / mask actor pool size (each holds its model once)
     actor_cpus: float = 1.0
     overlays: int = 6

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from acr.checkpoint import resolve_checkpoint, save_state
 from acr.config import Config, ConfigError, apply_overrides, load_config, to_dict
 from acr.models.factory import build_classifier
 from acr.pseudo.irn import build_irn
+from acr.data.transforms import to_chw_normalized
 from acr.pseudo.job import check_stage_params, job_config
+from acr.refine.crf import CRF_PRESETS
 from acr.refine import pseudo
 from acr.storage import RunFolder
 from tests.conftest import TINY_OVERRIDES
@@ -93,3 +96,22 @@ def test_per_image_steps_on_hand_made_cams(tmp_path):
     image_t = torch.zeros(3, 30, 22)
     mask = pseudo.walk_labels(irn, image_t, np.zeros((2, 30, 22), np.float32) + 0.1, keys, 10.0, 2, 3, 1.0, 0.25)
     assert mask.shape == (30, 22) and set(np.unique(mask)) <= {2, 5}  # uniform CAMs: all foreground, no background
+
+
+def test_the_mask_crf_snaps_the_walks_4_pixel_cells_to_the_image_edge():
+    """pseudo.mask_crf: the walk resolves stride-4 cells, so an object edge inside a cell comes out blurred; the CRF
+    on the walked scores puts it on the image's edge (column 9 here, inside the cell of columns 8-11)."""
+    cfg = load_config(None, TINY_OVERRIDES)
+    torch.manual_seed(0)
+    irn = build_irn(cfg)
+    raw = np.zeros((32, 24, 3), np.uint8)
+    raw[:, :9] = (220, 40, 40)  # the object: columns 0-8
+    cams = np.zeros((1, 32, 24), np.float32)
+    cams[0, :, :9] = 1.0
+    image = torch.from_numpy(to_chw_normalized(raw))
+    args = (irn, image, cams, np.array([2]), 10.0, 2, 3, 1.0, 0.5)
+    plain = pseudo.walk_labels(*args)
+    snapped = pseudo.walk_labels(*args, crf=(raw, CRF_PRESETS["psa"]))
+    truth = np.where(raw[..., 0] > 0, 3, 0)
+    assert (snapped == truth).all()
+    assert (plain != truth).sum() > 0  # without it, pixels of the straddled cell come out wrong

@@ -83,6 +83,9 @@ def _stages(cfg: Config, folder: RunFolder, files: ImageFiles, ids: list[str], s
         cfg = apply_overrides(cfg, {"pseudo.sem_seg_bg_threshold": threshold})
         summary["mask_bg_threshold_source"] = "the seed threshold"
     summary["mask_bg_threshold"] = cfg.pseudo.sem_seg_bg_threshold
+    check_stage_params(folder, {"mask_bg_threshold": cfg.pseudo.sem_seg_bg_threshold, "beta": ps.beta,
+                                "exp_times": ps.exp_times, "walk_radius": ps.walk_radius, "cam_power": ps.cam_power,
+                                "mask_crf": ps.mask_crf}, "masks", folder.uri(pseudo.MASKS))
     stages["masks"] = run_stage("masks", files, ids, (pseudo.MASKS,), lambda order: positions(len(order)).map_batches(
         WalkStage, fn_constructor_kwargs=dict(cfg_dict=to_dict(cfg), files=files, shards=shards, where=where,
                                               order=order), **actor))

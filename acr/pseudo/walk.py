@@ -10,6 +10,7 @@ from acr.data.shards import ShardReader, decode_image_bytes
 from acr.data.transforms import to_chw_normalized
 from acr.pseudo.irn import load_trained_irn
 from acr.refine import pseudo
+from acr.refine.crf import CRF_PRESETS
 from acr.runtime.stages import ImageFiles, actor_device, made, rows_of
 
 
@@ -28,8 +29,9 @@ class WalkStage:
             raw = decode_image_bytes(rec["image"], f"image '{image_id}' of {self.where}")
             cams, keys = pseudo.load_cams(self.files.read(pseudo.CAMS, image_id))
             image = torch.from_numpy(to_chw_normalized(raw)).to(self.device)
+            crf = (raw, CRF_PRESETS[ps.crf]) if ps.mask_crf else None
             mask = pseudo.walk_labels(self.irn, image, cams, keys, ps.beta, ps.exp_times, ps.walk_radius,
-                                      ps.cam_power, ps.sem_seg_bg_threshold)
+                                      ps.cam_power, ps.sem_seg_bg_threshold, crf)
             self.files.write(pseudo.MASKS, image_id, pseudo.label_png_bytes(mask))
             ids.append(image_id)
         return made(ids)

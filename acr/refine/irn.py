@@ -183,6 +183,13 @@ def propagate(cams: Tensor, edge: Tensor, beta: float = 10.0, exp_times: int = 8
     return random_walk(cams * (1.0 - edge), transition, 2 ** exp_times)
 
 
+def scaled_to_max(rw: Tensor) -> Tensor:
+    """Walked CAMs divided by their global max (IRN's make_sem_seg_labels), left as they are when it is not positive."""
+    rw = rw.detach()
+    top = rw.max() if rw.numel() else rw.new_zeros(())
+    return rw / top if top > 0 else rw
+
+
 def labels_from_walk(rw: Tensor, keys: Tensor | np.ndarray, bg_threshold: float) -> np.ndarray:
     """The last step of IRN's make_sem_seg_labels: `rw` (K, H, W) walked CAMs at image size, divided by their global
     max (left as is when the max is not positive), a constant background score `bg_threshold` stacked in front, argmax,
@@ -190,12 +197,9 @@ def labels_from_walk(rw: Tensor, keys: Tensor | np.ndarray, bg_threshold: float)
     keys = np.asarray(keys.detach().cpu() if isinstance(keys, Tensor) else keys, np.int64)
     if rw.dim() != 3 or keys.shape != (rw.shape[0] + 1,):
         raise ValueError(f"labels_from_walk: rw {tuple(rw.shape)} needs {rw.shape[0] + 1} keys, got {keys.shape}")
-    rw = rw.detach()
     if rw.shape[0] == 0:
         return np.full(tuple(rw.shape[1:]), keys[0], np.uint8)
-    top = rw.max()
-    if top > 0:
-        rw = rw / top
+    rw = scaled_to_max(rw)
     scores = torch.cat([torch.full_like(rw[:1], bg_threshold), rw])
     return keys[scores.argmax(0).cpu().numpy()].astype(np.uint8)
 

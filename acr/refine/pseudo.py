@@ -23,7 +23,7 @@ from PIL import Image
 
 from acr.data.voc import DECODE_ERRORS, DataError, voc_palette
 from acr.refine.crf import CRFParams, LabelCRFParams, crf_inference
-from acr.refine.irn import IRNet, confident_labels, labels_from_walk, propagate
+from acr.refine.irn import IRNet, confident_labels, labels_from_walk, propagate, scaled_to_max
 
 CAMS, CRF, IR_LABELS, MASKS = "cams", "crf", "ir_labels", "masks"
 SUFFIXES = {CAMS: ".npz"}  # every other kind of file (masks, DeepLab's predictions) is a .png
@@ -139,10 +139,13 @@ def boundary_map(irn: IRNet, image: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def walk_labels(irn: IRNet, image: torch.Tensor, cams: np.ndarray, keys: np.ndarray, beta: float, exp_times: int,
-                radius: int, cam_power: float, bg_threshold: float) -> np.ndarray:
+                radius: int, cam_power: float, bg_threshold: float, crf: tuple[np.ndarray, CRFParams] | None = None
+                ) -> np.ndarray:
     """IRN's make_sem_seg_labels for one image: the CAMs, brought to the boundary map's stride-4 grid (area
     average) and raised to `cam_power`, are propagated by the random walk, upsampled x4, cropped to the image,
-    divided by their maximum; background wherever no class beats `bg_threshold`."""
+    divided by their maximum; background wherever no class beats `bg_threshold`. With `crf` = (the HxWx3 uint8
+    image, CRF parameters), the walked scores are refined by the dense CRF at full resolution before the argmax,
+    as the +CRF level refines the CAMs (:func:`crf_labels`; the walk itself only resolves 4-pixel cells)."""
     h, w = image.shape[-2:]
     if len(keys) == 0:
         return np.zeros((h, w), np.uint8)
@@ -153,5 +156,7 @@ def walk_labels(irn: IRNet, image: torch.Tensor, cams: np.ndarray, keys: np.ndar
     cams4 = F.avg_pool2d(pad[None], 4)[0] ** cam_power
     rw = propagate(cams4, edge, beta=beta, exp_times=exp_times, radius=radius)
     rw = F.interpolate(rw[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :h, :w]
+    if crf is not None:
+        return crf_labels(crf[0], scaled_to_max(rw).cpu().numpy(), keys, bg_threshold, crf[1])
     keys_bg = np.concatenate([[0], np.asarray(keys) + 1])
     return labels_from_walk(rw.cpu(), keys_bg, bg_threshold)
