@@ -227,7 +227,7 @@ def main() -> None:
             "other synthetic images (the stand-in for ImageNet)" if args.pretrain_epochs else "random initialisation")
     budget = (f"configs/demo.yaml ({cfg.model.backbone}, {cfg.augment.crop_size} px, {cfg.synthetic.train_images} "
               f"train images), {cfg.train.epochs} epochs x "
-              f"{min(cfg.synthetic.train_images // cfg.train.batch_size, cfg.train.max_steps_per_epoch or 10**9)} steps "
+              f"{steps_per_epoch(cfg)} steps "
               f"of batch {cfg.train.batch_size} per run, {init}, seeds {args.seeds}" + (" (--quick)" if args.quick else ""))
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,6 +268,11 @@ def write_results(args, rows: list[str], per_seed: list[dict], budget: str, base
                         + text)
     print(text, flush=True)
 
+
+def steps_per_epoch(cfg) -> int:
+    return min(cfg.synthetic.train_images // cfg.train.batch_size, cfg.train.max_steps_per_epoch or 10**9)
+
+
 def budget_sweep(args) -> None:
     """ACR's own effect against the budget: `baseline` and `adversarial_srf` (the released settings, configs/demo.yaml
     as it is, its precision included) for every seed at every epoch budget, from the same stand-in backbone."""
@@ -275,8 +280,7 @@ def budget_sweep(args) -> None:
     t0 = time.perf_counter()
     base.append(f"model.pretrained={pretrained_backbone(args.pretrain_epochs, base)}")
     cfg = load_config(REPO / "configs/demo.yaml", base)
-    steps = min(cfg.synthetic.train_images // cfg.train.batch_size, cfg.train.max_steps_per_epoch or 10**9)
-    result = {"budgets": [], "commit": commit(), "machine": machine(),
+    result = {"budgets": [], "pretrain_epochs": args.pretrain_epochs, "commit": commit(), "machine": machine(),
               "command": " ".join(["python", "benchmarks/ablations.py", *sys.argv[1:]])}
     out = REPO / "benchmarks" / "results" / "ablations_budgets.json"
     with tempfile.TemporaryDirectory() as tmp:
@@ -290,7 +294,8 @@ def budget_sweep(args) -> None:
                                  (("baseline", ["method.reconstructor=none"]), ("adversarial_srf", []))})
             rows = summarise(per_seed, ["baseline", "adversarial_srf"], args.seeds)
             diffs = [100 * (r["adversarial_srf"]["cam_miou"] - r["baseline"]["cam_miou"]) for r in per_seed]
-            result["budgets"].append({"epochs": epochs, "steps": epochs * steps, "rows": rows, "acr_minus_baseline": diffs,
+            result["budgets"].append({"epochs": epochs, "steps": epochs * steps_per_epoch(cfg), "rows": rows,
+                                      "acr_minus_baseline": diffs,
                                       "runs": [{"seed": s, **{k: {m: r[k][m] for m in RUN_KEYS if m in r[k]} for k in r}}
                                                for s, r in zip(args.seeds, per_seed)]})
             result["minutes"] = (time.perf_counter() - t0) / 60
@@ -311,7 +316,8 @@ def budget_markdown(result: dict, cfg) -> str:
                          f"{p['mean']:.3f} ± {p['std']:.3f} | {rc['mean']:.3f} ± {rc['std']:.3f} | {d} |")
     return (f"Command: `{result['command']}` (commit {result['commit']}, {result['minutes']:.0f} min). configs/demo.yaml "
             f"as it is ({cfg.model.backbone}, {cfg.augment.crop_size} px, {cfg.synthetic.train_images} train images, "
-            f"batch {cfg.train.batch_size}, precision `{cfg.train.precision}`, the stand-in backbone), seeds "
+            f"batch {cfg.train.batch_size}, precision `{cfg.train.precision}`, both networks from the stand-in backbone pre-trained for "
+            f"{result['pretrain_epochs']} epochs), seeds "
             f"{result['budgets'][0]['rows'][0]['seeds']}; mean ± std over seeds, CAM mIoU on the embedded val split.\n\n"
             + "\n".join(lines) + "\n")
 

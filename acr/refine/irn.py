@@ -186,7 +186,7 @@ def propagate(cams: Tensor, edge: Tensor, beta: float = 10.0, exp_times: int = 8
 def scaled_to_max(rw: Tensor) -> Tensor:
     """Walked CAMs divided by their global max (IRN's make_sem_seg_labels), left as they are when it is not positive."""
     rw = rw.detach()
-    top = rw.max() if rw.numel() else rw.new_zeros(())
+    top = rw.max()
     return rw / top if top > 0 else rw
 
 
