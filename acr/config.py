@@ -218,6 +218,11 @@ class TrainConfig:
     # Networks and images in NHWC memory layout (torch.channels_last): oneDNN's fast convolution path on CPUs, tensor
     # cores on GPUs. The same computation as NCHW, in another summation order.
     channels_last: bool = True
+    # Run the classifier's trunk (every block before its first dropout) once per iteration: the RU phase computes it
+    # with gradient and the CU phase reuses it, instead of running it twice with the same weights on the same images.
+    # Applies with model.freeze_bn (the trunk is then the same in train and eval mode); holds the trunk's activations
+    # through the RU phase (more peak memory). The same numbers either way (tests/test_phases.py).
+    share_classifier_trunk: bool = True
     # A non-finite loss skips that optimiser step (released code); one more than this many in a row stops the run
     # with an error, keeping the last good checkpoint (0 = stop at the first).
     max_consecutive_nonfinite: int = 10

@@ -205,6 +205,25 @@ def test_channels_last_computes_the_same_step(setup):
     assert max((a - b).abs().max().item() for a, b in zip(p_nchw, p_nhwc)) < 1e-9
 
 
+def test_sharing_the_classifier_trunk_computes_the_same_step(setup):
+    """train.share_classifier_trunk (a speed-up: the trunk runs once for RU and CU) gives the same losses and the
+    same classifier update as two separate classifier passes, bit for bit in fp64, with ResNet-38's dropout in b6/b7
+    (the tail that still runs twice)."""
+    cfg = setup[0]
+    cfg.model.dropout, cfg.model.backbone, cfg.model.output_stride = True, "resnet38d", 8
+    steps = {}
+    for share in (False, True):
+        cfg.train.share_classifier_trunk = share
+        steps[share] = _one_step(cfg, True, "fp64", torch.float64)
+    (separate, p_separate), (shared, p_shared) = steps[False], steps[True]
+    for k in ("ru/loss", "cu/loss", "cu/loss_cls", "cu/loss_t", "cu/loss_nt"):
+        assert shared[k] == separate[k], k
+    assert all(torch.equal(a, b) for a, b in zip(p_separate, p_shared))
+    torch.manual_seed(0)
+    init = [p.detach().double() for p in build_classifier(cfg).parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(init, p_shared))  # the step did update the classifier
+
+
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
 def test_bf16_autocast_stays_close_to_fp32(setup):
     """train.precision=bf16: the losses of one iteration within 2% of fp32 (bf16 keeps 8 bits of mantissa)."""

@@ -223,18 +223,29 @@ class Batch:
     grid_u: torch.Tensor  # (B, s, s) uniforms for the SRF grid
 
 
-def ru_phase(classifier: nn.Module, reconstructor: nn.Module, batch: Batch, cfg: MethodConfig, q: float
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Reconstructor-updating phase (Sec. 4.2): F frozen in eval mode gives A_t without gradient; G_E and every G_D
-    pass run through `reconstructor` (the DDP-wrapped module) in one forward, so their gradients are averaged across
-    workers. Returns the loss to minimise (gradients reach G only) and detached statistics."""
+def classifier_trunk(classifier: nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """F's trunk features of `image` with gradient (BatchNorm frozen: the same in train and eval mode), computed once
+    and passed to both :func:`ru_phase` (which reads them without gradient) and :func:`cu_phase` (which trains
+    through them)."""
+    cls = unwrap(classifier)
+    cls.train()
+    with record_function("ru/classifier_trunk"):
+        return cls.trunk(image)
+
+
+def ru_phase(classifier: nn.Module, reconstructor: nn.Module, batch: Batch, cfg: MethodConfig, q: float,
+             trunk: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reconstructor-updating phase (Sec. 4.2): F frozen in eval mode gives A_t without gradient (from `trunk`, the
+    output of :func:`classifier_trunk`, where given); G_E and every G_D pass run through `reconstructor` (the
+    DDP-wrapped module) in one forward, so their gradients are averaged across workers. Returns the loss to minimise
+    (gradients reach G only) and detached statistics."""
     cls = unwrap(classifier)
     cls.eval()
     unwrap(reconstructor).requires_grad_(True)
     reconstructor.train()  # re-freezes BatchNorm (no gradients) where configured
     image, size = batch.image, batch.image.shape[-2:]
     with torch.no_grad(), record_function("ru/classifier_forward"):
-        cam, _ = cls(image)
+        cam, _ = cls(image, trunk=trunk)
         a_t = target_cam(normalize_cam(cam), batch.labels, batch.target)  # (B,1,h,w), constant
     a_img = _upsample(a_t, size)
     g_img = remnant_grid(batch.grid_u, q, size) if cfg.srf.enabled else torch.zeros_like(a_img)
@@ -280,15 +291,16 @@ def ru_phase(classifier: nn.Module, reconstructor: nn.Module, batch: Batch, cfg:
     return loss, stats
 
 
-def cu_phase(classifier: nn.Module, reconstructor: nn.Module | None, batch: Batch, cfg: MethodConfig
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def cu_phase(classifier: nn.Module, reconstructor: nn.Module | None, batch: Batch, cfg: MethodConfig,
+             trunk: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Classifier-updating phase (Sec. 4.3): G is frozen (its parameters do not require gradients, no SRF) and F,
-    through `classifier` (DDP-wrapped), is trained with Eq. 14. The reconstruction terms reach F only through A_t.
-    With `reconstructor=None` (the baseline) this is plain classification."""
+    through `classifier` (DDP-wrapped), is trained with Eq. 14, from :func:`classifier_trunk`'s `trunk` (with its
+    gradient graph) where given. The reconstruction terms reach F only through A_t. With `reconstructor=None` (the
+    baseline) this is plain classification."""
     classifier.train()
     image = batch.image
     with record_function("cu/classifier_forward"):
-        cam, logits = classifier(image)
+        cam, logits = classifier(image, trunk=trunk)
     loss_cls = classification_loss(logits, batch.labels)
     stats = {"cu/loss_cls": loss_cls.detach()}
     if reconstructor is None or (cfg.cu_target_weight == 0 and cfg.cu_nontarget_weight == 0):

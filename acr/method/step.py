@@ -12,10 +12,8 @@ import torch
 from torch import nn
 
 from acr.config import Config
-from acr.method.acr import Batch, cu_phase, ru_phase, sample_target
+from acr.method.acr import Batch, classifier_trunk, cu_phase, ru_phase, sample_target
 from acr.method.optim import guarded_step, reconstructor_base_lr, set_poly_lr
-
-
 
 
 @dataclass
@@ -51,6 +49,13 @@ def memory_layout(cfg: Config) -> torch.memory_format:
     return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
+def shares_trunk(cfg: Config) -> bool:
+    """Whether an iteration computes the classifier's trunk once for both phases (train.share_classifier_trunk):
+    only where both phases run the classifier and its BatchNorm is frozen (otherwise train and eval mode differ)."""
+    return (cfg.train.share_classifier_trunk and cfg.model.freeze_bn and cfg.method.train_classifier
+            and cfg.method.reconstructor == "adversarial")
+
+
 def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: torch.optim.Optimizer,
                opt_rec: torch.optim.Optimizer | None, batch: dict, cfg: Config, q: float, max_step: int,
                counters: StepCounters, reduce_mean: Callable[[torch.Tensor], torch.Tensor], device: torch.device
@@ -61,11 +66,14 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
     out: dict[str, float] = {}
     stats: dict[str, torch.Tensor] = {}
     limit = cfg.train.max_consecutive_nonfinite
+    trunk = None
     if cfg.method.reconstructor == "adversarial":
         set_poly_lr(opt_rec, reconstructor_base_lr(cfg.optim), counters.rec_steps, max_step, cfg.optim.poly_power)
         opt_rec.zero_grad(set_to_none=True)
         with autocast_context(device, cfg.train.precision):
-            loss_ru, s = ru_phase(classifier, reconstructor, b, cfg.method, q)
+            if shares_trunk(cfg):
+                trunk = classifier_trunk(classifier, b.image)
+            loss_ru, s = ru_phase(classifier, reconstructor, b, cfg.method, q, trunk)
         stats.update(s)
         out["ru/loss"], ok = guarded_step(loss_ru, opt_rec, reduce_mean, counters, limit)
         opt_rec.zero_grad(set_to_none=True)  # G's gradients are not needed (nor kept in memory) during CU
@@ -79,7 +87,7 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
     # During the adversarial warm-up the classifier is trained with L_cls alone (its reconstructor keeps learning).
     adversary = reconstructor if counters.cls_steps >= cfg.method.adversarial_warmup_steps else None
     with autocast_context(device, cfg.train.precision):
-        loss_cu, s = cu_phase(classifier, adversary, b, cfg.method)
+        loss_cu, s = cu_phase(classifier, adversary, b, cfg.method, trunk)
     stats.update(s)
     out["cu/loss"], ok = guarded_step(loss_cu, opt_cls, reduce_mean, counters, limit)
     opt_cls.zero_grad(set_to_none=True)

@@ -8,7 +8,9 @@ reconstructor's encoder taps:
 * ``stage5``: the stage before the last (ResNet-38: BN-ReLU of b5_2, the input of b6; torchvision: layer3);
 * ``final``: the last feature (ResNet-38: ReLU(bn7(b7)); torchvision: layer4).
 
-``out_channels[name]`` gives each one's channel count. BatchNorm can be frozen (eval mode, no gradients) with
+``out_channels[name]`` gives each one's channel count. ``forward(x) = tail(trunk(x))``: the trunk holds no dropout,
+so with BatchNorm frozen its output is the same in train and eval mode, and one ACR iteration can share it between
+its two classifier passes (train.share_classifier_trunk). BatchNorm can be frozen (eval mode, no gradients) with
 :func:`freeze_batchnorm`, as the released ACR code does in both networks.
 """
 
@@ -102,7 +104,8 @@ class ResNet38d(nn.Module):
         self.out_channels = {"stage3": 256, "stage4": 512, "stage5": 1024, "final": 4096}
         self.output_stride = 8
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def trunk(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """conv1a..b5_2: no dropout, so with frozen BatchNorm the same in train and eval mode."""
         x = self.conv1a(x)
         for name in ("b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2"):
             x, _ = getattr(self, name)(x)
@@ -112,9 +115,16 @@ class ResNet38d(nn.Module):
         x, stage4 = self.b5(x)
         x, _ = self.b5_1(x)
         x, _ = self.b5_2(x)
-        x, stage5 = self.b6(x)
+        return {"stage3": stage3, "stage4": stage4, "trunk": x}
+
+    def tail(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """b6, b7 (with their dropout) and bn7 on :meth:`trunk`'s output."""
+        x, stage5 = self.b6(feats["trunk"])
         x, _ = self.b7(x)
-        return {"stage3": stage3, "stage4": stage4, "stage5": stage5, "final": F.relu(self.bn7(x))}
+        return {"stage3": feats["stage3"], "stage4": feats["stage4"], "stage5": stage5, "final": F.relu(self.bn7(x))}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.tail(self.trunk(x))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -151,12 +161,18 @@ class TorchvisionResNet(nn.Module):
                              "stage5": 256 * expansion, "final": 512 * expansion}
         self.output_stride = output_stride
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def trunk(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything before layer4 (no dropout anywhere: with frozen BatchNorm the same in train and eval mode)."""
         stem = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # stride 4: IRN's x1 (its boundary branch's 1st tap)
         s3 = self.layer1(stem)
         s4 = self.layer2(s3)
-        s5 = self.layer3(s4)
-        return {"stem": stem, "stage3": s3, "stage4": s4, "stage5": s5, "final": self.layer4(s5)}
+        return {"stem": stem, "stage3": s3, "stage4": s4, "stage5": self.layer3(s4)}
+
+    def tail(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**feats, "final": self.layer4(feats["stage5"])}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.tail(self.trunk(x))
 
 
 def _resnet38d(output_stride: int, dropout: bool) -> nn.Module:

@@ -49,7 +49,14 @@ class Classifier(FrozenBNModule):
         self.cam_head = build_cam_head(self.backbone.out_channels["final"], num_classes, cam_head, cam_head_hidden)
         self.train()
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the raw CAM Z (B x C x h x w, may be negative) and the logits p = GAP(Z)."""
-        cam = self.cam_head(self.backbone(image)["final"])
+    def trunk(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The backbone's trunk features (no dropout in them), to pass as `forward(image, trunk=...)`."""
+        return self.backbone.trunk(image)
+
+    def forward(self, image: torch.Tensor, trunk: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the raw CAM Z (B x C x h x w, may be negative) and the logits p = GAP(Z). With `trunk` (from
+        :meth:`trunk` on the same image and weights) the trunk is not computed again."""
+        feats = self.backbone.tail(self.backbone.trunk(image) if trunk is None else trunk)
+        cam = self.cam_head(feats["final"])
         return cam, cam.mean(dim=(2, 3))
