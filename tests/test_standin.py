@@ -33,6 +33,7 @@ def test_the_standin_is_made_once_cached_and_loads_as_imagenet_weights(cache_dir
     # the key follows the recipe, not where it is cached or how the job is scaled
     assert standin_path(recipe_config(cfg, epochs=RECIPE["train.epochs"] + 1)) != path
     assert standin_path(recipe_config(apply_overrides(cfg, {"scaling.num_workers": 2, "tune.num_samples": 3}))) == path
+    assert standin_path(recipe_config(apply_overrides(cfg, {"train.share_classifier_trunk": False}))) == path
     # the same loader as ImageNet weights: the backbone holds exactly the file's tensors (BN statistics included)
     weights = torch.load(path, map_location="cpu")
     model = build_classifier(resolved)

@@ -53,11 +53,18 @@ def recipe_config(cfg: Config, backbone: str | None = None, epochs: int | None =
     return apply_overrides(config_from_dict(tree), {**RECIPE, **extra, "data.format": "synthetic"})
 
 
+# Settings that cannot change the weights (tested to give the same step bit for bit), left out of the cache key so
+# that adding them did not invalidate the stand-ins already cached.
+NOT_IN_KEY = (("train", "share_classifier_trunk"),)
+
+
 def standin_path(recipe: Config) -> Path:
     """Where the stand-in of `recipe` is cached: keyed by the generator version and the whole recipe (but not where
-    the data is cached)."""
+    the data is cached, nor NOT_IN_KEY)."""
     shaping = to_dict(recipe)
     shaping["data"].pop("cache_dir")
+    for section, key in NOT_IN_KEY:
+        shaping[section].pop(key)
     key = hashlib.sha256(json.dumps({"generator": GENERATOR_VERSION, "recipe": shaping}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:12]
     return default_cache_dir(recipe.data.cache_dir) / "backbones" / f"{recipe.model.backbone}-standin-{key}.pth"
