@@ -1,8 +1,9 @@
 """Throughput of one ACR iteration (RU + CU) and of the inference stages, printed as a table and written to
 benchmarks/results/throughput.json (and the throughput section of BENCHMARKS.md).
 
-    python benchmarks/throughput.py                 # demo size: plain loop vs TorchTrainer 1 and 2 workers, CAM, CRF
-    python benchmarks/throughput.py --official      # also the released code's workload (resnet38d, batch 2, 256 px)
+    python benchmarks/throughput.py      # demo size: plain loop vs TorchTrainer 1 and 2 workers, CAM, CRF
+
+The released code's workload, side by side with an earlier commit: benchmarks/side_by_side.py.
 
 Every variant uses the same number of compute threads in total (--threads, split evenly among workers); Ray runs
 without its dashboard. Steady state = the median wall time per step (data loading included) over the steps after
@@ -28,12 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from acr.config import Config, load_config, num_classes  # noqa: E402
+from acr.method.step import memory_layout  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-# The released code on this machine (issue 3): 33.5 s per RU+CU step of batch 2, median of 3, 2026-11-25.
-RELEASED_SECONDS_PER_STEP = 33.5
-RELEASED_GFLOP_PER_IMAGE = 2511.0
-SPEC_MATMUL_GFLOPS_FP32 = 191.0  # 4096^3 fp32 matmul, 2 threads, on the machine the spec was measured on
 
 
 def reference_rates(threads: int) -> dict:
@@ -145,7 +143,6 @@ def _models(cfg: Config):
     """Both networks in the training layout (train.channels_last) with their optimisers, as the training loop has
     them, from the config's seed."""
     from acr.method.optim import build_optimizer, build_reconstructor_optimizer
-    from acr.method.step import memory_layout
     from acr.models.factory import build_classifier, build_reconstructor
 
     torch.manual_seed(cfg.train.seed)
@@ -169,65 +166,48 @@ def acr_flops_per_image(cfg: Config, batch: int) -> float:
 
 
 def profile_step(cfg: Config, batch: int, threads: int, repeats: int = 2) -> dict:
-    """Seconds per phase and pass of one iteration, from torch.profiler scopes and autograd's backward timing."""
-    from acr.method.acr import Batch, cu_phase, ru_phase, sample_target
+    """Seconds per phase and pass of one iteration as train_step runs it (cfg's precision and trunk sharing), from
+    torch.profiler scopes and autograd's backward timing."""
+    from acr.method.acr import Batch, classifier_trunk, cu_phase, ru_phase, sample_target
+    from acr.method.step import autocast_context, shares_trunk
 
     torch.set_num_threads(threads)
     cls, rec, oc, orr = _models(cfg)
     raw = _tiny_batch(cfg, batch)
-    b = Batch(raw["image"], raw["labels"], sample_target(raw["labels"], raw["target_u"]), raw["grid_u"])
+    b = Batch(raw["image"].contiguous(memory_format=memory_layout(cfg)), raw["labels"],
+              sample_target(raw["labels"], raw["target_u"]), raw["grid_u"])
     timings: dict[str, list[float]] = {}
+    cpu = torch.device("cpu")
 
-    def timed(name, fn):
+    def timed(name, fn, scopes=False):
         t = time.perf_counter()
-        r = fn()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], enabled=scopes) as prof:
+            with autocast_context(cpu, cfg.train.precision):
+                r = fn()
         timings.setdefault(name, []).append(time.perf_counter() - t)
+        for ev in prof.key_averages() if scopes else ():
+            if ev.key.startswith(("ru/", "cu/")):
+                timings.setdefault(f"  {ev.key}", []).append(ev.cpu_time_total / 1e6)
         return r
+
+    def ru():
+        trunk = classifier_trunk(cls, b.image) if shares_trunk(cfg) else None
+        return ru_phase(cls, rec, b, cfg.method, 0.5, trunk)[0], trunk
 
     for i in range(repeats + 1):
         if i == 1:
             timings.clear()  # the first iteration warms up
         orr.zero_grad(set_to_none=True)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            loss, _ = timed("ru/forward (classifier no-grad + encoder + 3 decoder passes)",
-                            lambda: ru_phase(cls, rec, b, cfg.method, 0.5))
-        for ev in prof.key_averages():
-            if ev.key.startswith(("ru/", "cu/")):
-                timings.setdefault(f"  {ev.key}", []).append(ev.cpu_time_total / 1e6)
+        loss, trunk = timed("ru/forward (classifier + encoder + 3 decoder passes)", ru, scopes=True)
         timed("ru/backward (encoder + decoder)", loss.backward)
         timed("ru/optimizer step", orr.step)
         orr.zero_grad(set_to_none=True)
         oc.zero_grad(set_to_none=True)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            loss, _ = timed("cu/forward (classifier + encoder no-grad + 2 decoder passes)",
-                            lambda: cu_phase(cls, rec, b, cfg.method))
-        for ev in prof.key_averages():
-            if ev.key.startswith(("ru/", "cu/")):
-                timings.setdefault(f"  {ev.key}", []).append(ev.cpu_time_total / 1e6)
+        loss = timed("cu/forward (classifier + encoder no-grad + 2 decoder passes)",
+                     lambda: cu_phase(cls, rec, b, cfg.method, trunk)[0], scopes=True)
         timed("cu/backward (classifier, through the frozen decoder)", loss.backward)
         timed("cu/optimizer step", oc.step)
     return {k: float(np.median(v)) for k, v in timings.items()}
-
-
-LOSS_KEYS = ("ru/loss", "cu/loss", "cu/loss_cls", "cu/loss_t", "cu/loss_nt")
-
-
-def time_steps(cfg: Config, batch: int, threads: int, steps: int = 3) -> tuple[float, list[dict]]:
-    """Median seconds of whole RU + CU iterations, without the profiler (after one warm-up iteration), and the losses
-    of every iteration. Same initial weights, batch and dropout draws for every config: the losses of two configs
-    (NCHW / NHWC, fp32 / bf16) are comparable step by step."""
-    from acr.method.step import StepCounters, train_step
-
-    torch.set_num_threads(threads)
-    cls, rec, oc, orr = _models(cfg)
-    b, counters, times, losses = _tiny_batch(cfg, batch), StepCounters(), [], []
-    torch.manual_seed(cfg.train.seed + 1)
-    for _ in range(steps + 1):
-        t = time.perf_counter()
-        out = train_step(cls, rec, oc, orr, b, cfg, 0.5, 100, counters, lambda v: v, torch.device("cpu"))
-        times.append(time.perf_counter() - t)
-        losses.append({k: out[k] for k in LOSS_KEYS if k in out})
-    return float(np.median(times[1:])), losses
 
 
 def loss_deviation(losses: list[dict], reference: list[dict]) -> list[tuple[str, float]]:
@@ -241,27 +221,6 @@ def loss_deviation(losses: list[dict], reference: list[dict]) -> list[tuple[str,
         k = max(keys, key=lambda k: abs(a[k] - r[k]) / scale[k])
         out.append((k, abs(a[k] - r[k]) / scale[k]))
     return out
-
-
-def released_waste_flops(cfg: Config, batch: int) -> float:
-    """FLOPs per image the released code spends on work that produces nothing: in its CU phase the U-Net's
-    parameters still require gradients, so both decoder passes also compute the decoder's weight gradients, which
-    `opt_recon.zero_grad()` throws away (acr-method.md 3.2). Measured as the difference between the decoder's
-    forward + backward on the CU inputs with and without parameter gradients."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from acr.models.factory import build_reconstructor
-
-    dec = build_reconstructor(cfg).decoder
-    s, ch = cfg.augment.crop_size, sum(cfg.model.encoder_tap_channels)
-    flops = []
-    for weights in (True, False):
-        dec.requires_grad_(weights)
-        x = torch.randn(2 * batch, ch, s, s, requires_grad=True)  # [X_t; X_nt] at image resolution
-        with FlopCounterMode(display=False) as fc:
-            dec(x).sum().backward()
-        flops.append(fc.get_total_flops())
-    return (flops[0] - flops[1]) / batch
 
 
 def cam_and_crf(cfg: Config, threads: int, images: int) -> dict:
@@ -294,40 +253,6 @@ def cam_and_crf(cfg: Config, threads: int, images: int) -> dict:
             "dense_crf": {"images_per_second": crf_ips, "params": "psa (10 iterations)", "image_size": [h, w]}}
 
 
-# The released code's workload (configs/voc_official.yaml: resnet38d, batch 2, 256 px, random init) in this
-# project's implementation: before the speed-ups (NCHW), then as it trains by default (NHWC), then in bf16.
-OFFICIAL_VARIANTS = {
-    "fp32, NCHW (layout before the speed-up)": ["train.precision=fp32", "train.channels_last=false"],
-    "fp32, NHWC (train.channels_last, default)": ["train.precision=fp32", "train.channels_last=true"],
-    "bf16 autocast, NHWC (train.precision=bf16)": ["train.precision=bf16", "train.channels_last=true"],
-}
-
-
-def official(threads: int, bf16_kernels: bool, steps: int = 3) -> dict:
-    """Time each variant of the released workload, compare its losses with the first variant's, count FLOPs, the
-    released code's wasted FLOPs, and profile the default variant per phase and pass."""
-    def cfg_for(extra):
-        return load_config(REPO / "configs/voc_official.yaml",
-                           ["data.format=synthetic", "synthetic.image_size=300", "train.batch_size=2",
-                            "scaling.use_gpu=false", "synthetic.num_classes=20", *extra])
-
-    out, reference = {"variants": {}}, None
-    for name, extra in OFFICIAL_VARIANTS.items():
-        if "bf16" in name and not bf16_kernels:
-            out["variants"][name] = {"skipped": "this CPU has no oneDNN bf16 kernels"}
-            continue
-        seconds, losses = time_steps(cfg_for(extra), 2, threads, steps)
-        reference = reference or losses
-        out["variants"][name] = {"seconds_per_step": seconds, "images_per_second": 2 / seconds, "losses": losses}
-        print(f"  {name}: {seconds:.1f} s/step", flush=True)
-    default = cfg_for(OFFICIAL_VARIANTS["fp32, NHWC (train.channels_last, default)"])
-    out["gflop_per_image"] = acr_flops_per_image(default, 2) / 1e9
-    out["released_waste_gflop_per_image"] = released_waste_flops(default, 2) / 1e9
-    out["profile"] = profile_step(default, 2, threads)
-    out["steps_timed"] = steps
-    return out
-
-
 def markdown(res: dict) -> str:
     ref = res["reference"]
     mm = ref["matmul_fp32_gflops"]
@@ -337,8 +262,7 @@ def markdown(res: dict) -> str:
     t = res["threads_total"]
     lines = [f"This machine in this run: fp32 matmul {ref['matmul_fp32_gflops']:.0f} GFLOP/s, fp32 3x3 conv "
              f"{ref['conv3x3_fp32_gflops']:.0f} GFLOP/s ({t} threads); oneDNN bf16 kernels: "
-             f"{'yes' if ref['onednn_bf16'] else 'no'}. The spec's machine reached {SPEC_MATMUL_GFLOPS_FP32:.0f} GFLOP/s "
-             "fp32 matmul: compare rates as fractions, not absolute times across machines.", "",
+             f"{'yes' if ref['onednn_bf16'] else 'no'}. Compare rates as fractions, not absolute times across machines.", "",
              f"### One ACR iteration (RU + CU), {res['size']}, {t} compute threads in total", "",
              "| variant | images/s (steady) | s/step (median) | data wait | start-up + teardown (s) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|"]
@@ -359,52 +283,6 @@ def markdown(res: dict) -> str:
               f", flip, {res['cam_inference']['image_size'][0]}x{res['cam_inference']['image_size'][1]} |",
               f"| dense CRF | {res['dense_crf']['images_per_second']:.2f} | {res['dense_crf']['params']}, "
               f"{res['dense_crf']['image_size'][0]}x{res['dense_crf']['image_size'][1]} |"]
-    if "official" in res:
-        o = res["official"]
-        released_ips = 2 / RELEASED_SECONDS_PER_STEP
-        lines += ["", f"### The released code's workload: resnet38d, batch 2, 256x256, random init, {t} threads", "",
-                  "| implementation | s/step | images/s | x released | GFLOP/s | of fp32 matmul | loss deviation, "
-                  "first / last iteration |", "|---|---|---|---|---|---|---|",
-                  f"| released code (issue 3: measured 2026-11-25 on the spec's machine) | {RELEASED_SECONDS_PER_STEP:.1f} | "
-                  f"{released_ips:.3f} | 1.00 | {RELEASED_GFLOP_PER_IMAGE * released_ips:.0f} | "
-                  f"{100 * RELEASED_GFLOP_PER_IMAGE * released_ips / SPEC_MATMUL_GFLOPS_FP32:.0f}% (spec machine) | - |"]
-        reference = next(v["losses"] for v in o["variants"].values() if "losses" in v)
-        for name, v in o["variants"].items():
-            if "skipped" in v:
-                lines.append(f"| this project, {name} | - | - | - | - | - | skipped: {v['skipped']} |")
-                continue
-            rate = o["gflop_per_image"] * v["images_per_second"]
-            deviation = loss_deviation(v["losses"], reference)
-            (k0, d0), (k1, d1) = deviation[0], deviation[-1]
-            lines.append(f"| this project, {name} | {v['seconds_per_step']:.1f} | {v['images_per_second']:.3f} | "
-                         f"{v['images_per_second'] / released_ips:.2f} | {rate:.0f} | {100 * rate / mm:.0f}% | "
-                         f"{100 * d0:.2g}% ({k0}) / {100 * d1:.2g}% ({k1}) |")
-        scaled = RELEASED_SECONDS_PER_STEP * SPEC_MATMUL_GFLOPS_FP32 / mm
-        done = [v for v in o["variants"].values() if "seconds_per_step" in v]
-        lines += ["", f"The released code's time was measured on the spec's machine (fp32 matmul "
-                  f"{SPEC_MATMUL_GFLOPS_FP32:.0f} GFLOP/s); scaled to this run's matmul rate ({mm:.0f}) it would be "
-                  f"{scaled:.1f} s/step here, against which the rows above are "
-                  + " / ".join(f"{scaled / v['seconds_per_step']:.2f}x" for v in done) + " as fast."]
-        lines += ["", f"FLOPs of one iteration here: {o['gflop_per_image']:.0f} GFLOP per image (the released code: "
-                  f"{RELEASED_GFLOP_PER_IMAGE:.0f}). Work of the released code that produces nothing: "
-                  f"{o['released_waste_gflop_per_image']:.0f} GFLOP per image "
-                  f"({100 * o['released_waste_gflop_per_image'] / RELEASED_GFLOP_PER_IMAGE:.1f}% of its FLOPs), the "
-                  "U-Net weight gradients of its CU phase, which it discards; here the reconstructor's parameters do "
-                  "not require gradients in CU, so they are never computed. GFLOP/s of a variant = this project's "
-                  "GFLOP per image x its images/s; the matmul rate is the fp32 one measured in this run (bf16 rows "
-                  "can exceed 100%; convolutions reach more than matmul here: "
-                  f"{res['reference']['conv3x3_fp32_gflops']:.0f} GFLOP/s). Loss deviation: the loss (RU, CU and the "
-                  "CU terms) that differs most from the first row's, relative to its mean magnitude, at the first and "
-                  f"at the last of {o['steps_timed'] + 1} iterations from the same weights, batch and dropout draws "
-                  "(every loss in benchmarks/results/throughput.json). The first iteration shows the rounding of "
-                  "the variant itself; later ones add the divergence of the trajectories: max-normalised CAMs of a "
-                  "randomly initialised classifier amplify any rounding difference, so NHWC, which changes nothing "
-                  "but the order of additions (tests/test_phases.py: equal in fp64), drifts from NCHW as bf16 does.",
-                  "",
-                  "Where the time goes in the default fp32 NHWC variant (seconds per iteration, measured with the "
-                  "profiler on, which inflates the forward rows a little; indented rows are forward scopes inside "
-                  "the phase):", "", "| part | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in o["profile"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -429,7 +307,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the steady state")
     ap.add_argument("--images", type=int, default=16, help="images for the CAM and CRF timings")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each training variant (median)")
-    ap.add_argument("--official", action="store_true", help="also time the released code's workload")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite the BENCHMARKS.md section from benchmarks/results/throughput.json")
@@ -461,8 +338,6 @@ def main() -> None:
                      "runs_images_per_second": rates}
     res["gflop_per_image"] = acr_flops_per_image(cfg, cfg.train.batch_size) / 1e9
     res.update(cam_and_crf(cfg_for(), args.threads, args.images))
-    if args.official:
-        res["official"] = official(args.threads, res["reference"]["onednn_bf16"])
     res.update({"commit": commit(), "command": " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]]),
                 "machine": machine(), "date": time.strftime("%Y-%m-%d")})
     RESULTS.mkdir(parents=True, exist_ok=True)

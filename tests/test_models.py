@@ -6,7 +6,7 @@ import torchvision
 from acr.errors import ConfigError
 from acr.models.backbones import ResNet38d, build_backbone, calibrate_batchnorm
 from acr.models.classifier import Classifier
-from acr.models.reconstructor import Reconstructor, UNetDecoder
+from acr.models.reconstructor import Dropout, InstanceNorm, Reconstructor, UNetDecoder
 from acr.models.weights import WeightsError, load_backbone_weights, read_mxnet_params, write_mxnet_params
 
 _BN = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_var"}
@@ -128,3 +128,22 @@ def test_exported_backbone_initialises_both_networks(tmp_path):
     save_state(tmp_path / "empty", {"classifier": {"head.weight": torch.zeros(1)}})
     with pytest.raises(ValueError, match="no backbone tensors"):
         export_backbone(tmp_path / "empty", tmp_path / "x.pth")
+
+
+def test_the_unet_norm_and_dropout_keep_nhwc_and_compute_what_the_nchw_modules_do():
+    """The U-Net's InstanceNorm (a per-channel GroupNorm) and Dropout keep the channels_last layout (no conversions
+    before the next convolution) and give nn.InstanceNorm2d's values and nn.Dropout's draws on the NCHW input."""
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64) * 3 + 1
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    out = InstanceNorm(6)(nhwc)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, torch.nn.InstanceNorm2d(6)(x), rtol=0, atol=1e-13)
+    assert abs(float(out.mean((2, 3)).abs().max())) < 1e-12  # normalised per image and channel
+    torch.manual_seed(3)
+    want = torch.nn.Dropout(0.5)(x)
+    torch.manual_seed(3)
+    got = Dropout(0.5)(nhwc)
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
+    assert (got == 0).any() and (got != 0).any()
+    torch.manual_seed(3)
+    assert not torch.equal(torch.nn.Dropout(0.5)(nhwc), want)  # what the stock module draws for an NHWC input

@@ -23,6 +23,31 @@ from acr.models.classifier import FrozenBNModule, build_cam_head
 from acr.models.weights import load_backbone_weights
 
 
+class InstanceNorm(nn.Module):
+    """pix2pix's InstanceNorm2d (no affine, no running statistics) as a GroupNorm with one group per channel: the same
+    function (equal to 1e-15 in float64), but PyTorch's CPU GroupNorm keeps the channels_last layout, where
+    InstanceNorm2d returns NCHW and makes the next convolution convert its input, and its gradient, back."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.channels, self.eps = channels, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.channels, eps=self.eps)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose mask is drawn in the logical (NCHW) order whatever the input's memory layout: PyTorch's CPU
+    dropout draws in memory order, so a channels_last input would get other masks from the same RNG state than the
+    NCHW input of the released code. The same draws and values as nn.Dropout on an NCHW input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not 0 < self.p < 1 or x.is_contiguous():
+            return super().forward(x)
+        noise = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p).div_(1 - self.p)
+        return x * noise  # in x's layout
+
+
 class UNetDecoder(nn.Module):
     def __init__(self, in_channels: int, out_channels: int = 3, depth: int = 8, width: int = 64, dropout: bool = True):
         super().__init__()
@@ -33,19 +58,19 @@ class UNetDecoder(nn.Module):
         for i, ch in enumerate(chans):
             layers: list[nn.Module] = [nn.Conv2d(prev, ch, 4, 2, 1, bias=False)]
             if 0 < i < depth - 1:
-                layers.append(nn.InstanceNorm2d(ch))
+                layers.append(InstanceNorm(ch))
             layers.append(nn.LeakyReLU(0.2))
             if i >= 3 and p:
-                layers.append(nn.Dropout(p))
+                layers.append(Dropout(p))
             self.downs.append(nn.Sequential(*layers))
             prev = ch
         self.ups = nn.ModuleList()
         for j in range(depth - 1):
             level = depth - 2 - j  # the down level whose resolution this up step produces
             out = chans[level]
-            layers = [nn.ConvTranspose2d(prev, out, 4, 2, 1, bias=False), nn.InstanceNorm2d(out), nn.ReLU(inplace=True)]
+            layers = [nn.ConvTranspose2d(prev, out, 4, 2, 1, bias=False), InstanceNorm(out), nn.ReLU(inplace=True)]
             if level >= 3 and p:
-                layers.append(nn.Dropout(p))
+                layers.append(Dropout(p))
             self.ups.append(nn.Sequential(*layers))
             prev = out * 2
         self.final = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(prev, out_channels, 3, padding=1))
