@@ -79,13 +79,14 @@ def run_once(repo: Path, workload: str, overrides: list[str], inputs: Path, args
 
 
 def measure(workload: str, checkouts: dict[str, Path], tmp: Path, args) -> dict:
-    """Every variant `args.repeats` times, in turn (a shared machine's load drifts over minutes; interleaved runs
-    see the same drift). Per run: the median iteration after the first; per variant: the median run."""
+    """Every variant `args.repeats` times, in turn, the order reversed every other repeat (a shared machine's speed
+    drifts over minutes: interleaved runs see the same drift, and an A B B A order cancels a steady trend). Per run:
+    the median iteration after the first; per variant: the median run."""
     inputs = tmp / f"{workload}-inputs.pt"
     batch = write_inputs(*WORKLOADS[workload], inputs)
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in VARIANTS}
     for r in range(args.repeats):
-        for label, which, overrides in VARIANTS:
+        for label, which, overrides in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
             if "bf16" in label and not args.bf16:
                 continue
             res = run_once(checkouts[which], workload, overrides, inputs, args, count_flops=r == 0)
@@ -154,7 +155,7 @@ def markdown(res: dict) -> str:
     peaks = gpu_peaks(res["device"])
     lines = [f"Reference: commit {res['reference']} (exported with `git archive`), against this commit "
              f"{res['commit']}; {res['repeats']} interleaved runs per row, each the median of its iterations after "
-             f"the first, {res['threads']} threads, device {res['device']}"
+             f"the first, the order reversed every other repeat, {res['threads']} threads, device {res['device']}"
              f"{' (' + res['machine']['cuda'] + ')' if res['machine']['cuda'] else ''}"
              f"{', torch.compile on every block' if res['compile'] else ''}. "
              f"This machine in this run: fp32 matmul {r0['matmul_fp32_gflops']:.0f} / {r1['matmul_fp32_gflops']:.0f} "
@@ -189,7 +190,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile every block (both implementations)")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only rewrite BENCHMARKS.md from the results file")
     args = ap.parse_args()
+    if args.render:
+        return write_section(json.loads((RESULTS / "side_by_side.json").read_text()))
     args.steps = {"released": args.released_steps, "demo": args.demo_steps}
     args.bf16 = args.device == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     res = {"reference": args.reference, "commit": commit(), "device": args.device, "repeats": args.repeats,
@@ -202,12 +206,17 @@ def main() -> None:
         for w in args.workloads:
             res["workloads"][w] = measure(w, {"reference": ref, "this": REPO}, Path(tmp), args)
     res["rates_after"] = reference_rates(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "side_by_side.json").write_text(json.dumps(res, indent=1))  # kept if the profile fails
     if args.device == "cpu" and "released" in args.workloads and not args.no_profile:
         config, overrides = WORKLOADS["released"]
         res["profile"] = {p: profile_step(load_config(REPO / config, [*overrides, f"train.precision={p}"]), 2,
                                           args.threads) for p in (["fp32", "bf16"] if args.bf16 else ["fp32"])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "side_by_side.json").write_text(json.dumps(res, indent=1))
+    write_section(res)
+
+
+def write_section(res: dict) -> None:
     text = markdown(res)
     write_benchmarks_md("side-by-side", f"Command: `{res['command']}` ({res['date']}, {res['machine']['cpu']}).\n\n"
                                         f"{text}")

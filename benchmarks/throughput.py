@@ -13,6 +13,7 @@ without its dashboard. Steady state = the median wall time per step (data loadin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -181,9 +182,9 @@ def profile_step(cfg: Config, batch: int, threads: int, repeats: int = 2) -> dic
 
     def timed(name, fn, scopes=False):
         t = time.perf_counter()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], enabled=scopes) as prof:
-            with autocast_context(cpu, cfg.train.precision):
-                r = fn()
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if scopes else None
+        with prof or contextlib.nullcontext(), autocast_context(cpu, cfg.train.precision):
+            r = fn()
         timings.setdefault(name, []).append(time.perf_counter() - t)
         for ev in prof.key_averages() if scopes else ():
             if ev.key.startswith(("ru/", "cu/")):
