@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from acr.config import load_config  # noqa: E402
 from benchmarks.throughput import (RESULTS, _models, _tiny_batch, commit, loss_deviation, machine,  # noqa: E402
-                                   profile_step, reference_rates, write_benchmarks_md)
+                                   profile_step, reference_rates, write_section)
 
 # name -> (config relative to a checkout, overrides). The released workload: resnet38d, batch 2, 256 px crops,
 # random init, 20 classes (the released code's setting, with synthetic data: the data does not change the time).
@@ -130,7 +130,7 @@ def table(name: str, res: dict, rates: dict, peaks: tuple[float, float] | None) 
     mm, conv = rates["matmul_fp32_gflops"], rates["conv3x3_fp32_gflops"]
     rate_cols = "of the GPU's dense peak" if peaks else "of fp32 matmul / 3x3 conv"
     lines = [f"#### {name}", "",
-             f"| implementation | s/step | images/s | x reference (each repeat) | GFLOP/image | GFLOP/s | {rate_cols} | "
+             f"| implementation | s/step | images/s | x reference (each repeat; of the medians) | GFLOP/image | GFLOP/s | {rate_cols} | "
              "loss deviation, first / last iteration |", "|---|---|---|---|---|---|---|---|"]
     for label, v in vs.items():
         if "skipped" in v:
@@ -145,7 +145,8 @@ def table(name: str, res: dict, rates: dict, peaks: tuple[float, float] | None) 
         (k0, d0), (k1, d1) = v["loss_deviation_first_last"]
         each = ", ".join(f"{x:.2f}" for x in v["speedup_per_repeat"])
         lines.append(f"| {label} | {v['seconds_per_step']:.3g} | {v['images_per_second']:.3g} | "
-                     f"**{v['speedup']:.2f}** ({each}) | {flops:.0f} | {rate:.0f} | {share} | "
+                     f"**{np.median(v['speedup_per_repeat']):.2f}** ({each}; {v['speedup']:.2f}) | {flops:.0f} | "
+                     f"{rate:.0f} | {share} | "
                      f"{100 * d0:.2g}% ({k0}) / {100 * d1:.2g}% ({k1}) |")
     return lines + [""]
 
@@ -163,8 +164,9 @@ def markdown(res: dict) -> str:
              "(before / after the runs; the table uses the first).", ""]
     for name, w in res["workloads"].items():
         lines += table(f"{name} workload ({' '.join(WORKLOADS[name][1]) or WORKLOADS[name][0]})", w, r0, peaks)
-    lines += ["x reference: the reference's median s/step over the row's (each repeat: the ratio within that "
-              "repeat). GFLOP/image: counted by `torch.utils.flop_counter` in one more iteration of that row; "
+    lines += ["x reference: the median over the repeats of the reference's s/step divided by the row's in the same "
+              "repeat (each repeat's ratio, then the ratio of the two medians). s/step and images/s: the row's "
+              "median run. GFLOP/image: counted by `torch.utils.flop_counter` in one more iteration of that row; "
               "the shared trunk removes a forward of the classifier's trunk, so this commit counts fewer. Loss "
               "deviation: the loss that differs most from the reference's, relative to its mean magnitude, at the "
               "first and the last iteration (same weights, batch, dropout draws): rounding only in fp32; "
@@ -193,7 +195,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only rewrite BENCHMARKS.md from the results file")
     args = ap.parse_args()
     if args.render:
-        return write_section(json.loads((RESULTS / "side_by_side.json").read_text()))
+        return write_section(json.loads((RESULTS / "side_by_side.json").read_text()), "side-by-side", markdown)
     args.steps = {"released": args.released_steps, "demo": args.demo_steps}
     args.bf16 = args.device == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     res = {"reference": args.reference, "commit": commit(), "device": args.device, "repeats": args.repeats,
@@ -213,14 +215,7 @@ def main() -> None:
         res["profile"] = {p: profile_step(load_config(REPO / config, [*overrides, f"train.precision={p}"]), 2,
                                           args.threads) for p in (["fp32", "bf16"] if args.bf16 else ["fp32"])}
     (RESULTS / "side_by_side.json").write_text(json.dumps(res, indent=1))
-    write_section(res)
-
-
-def write_section(res: dict) -> None:
-    text = markdown(res)
-    write_benchmarks_md("side-by-side", f"Command: `{res['command']}` ({res['date']}, {res['machine']['cpu']}).\n\n"
-                                        f"{text}")
-    print(text)
+    write_section(res, "side-by-side", markdown)
 
 
 if __name__ == "__main__":

@@ -346,10 +346,12 @@ def main() -> None:
     write_section(res)
 
 
-def write_section(res: dict) -> None:
-    text = markdown(res)
-    write_benchmarks_md("throughput", f"Command: `{res['command']}` (commit {res['commit']}, {res['date']}, "
-                                      f"{res['machine']['cpu']}).\n\n{text}")
+def write_section(res: dict, section: str = "throughput", render=None) -> None:
+    """BENCHMARKS.md's `section` from a results dict: its command, commit, date and machine, then `render(res)`
+    (default: this script's markdown)."""
+    text = (render or markdown)(res)
+    write_benchmarks_md(section, f"Command: `{res['command']}` (commit {res['commit']}, {res['date']}, "
+                                 f"{res['machine']['cpu']}).\n\n{text}")
     print(text)
 
 
