@@ -130,8 +130,8 @@ def table(name: str, res: dict, rates: dict, peaks: tuple[float, float] | None) 
     mm, conv = rates["matmul_fp32_gflops"], rates["conv3x3_fp32_gflops"]
     rate_cols = "of the GPU's dense peak" if peaks else "of fp32 matmul / 3x3 conv"
     lines = [f"#### {name}", "",
-             f"| implementation | s/step | images/s | x reference (each repeat; of the medians) | GFLOP/image | GFLOP/s | {rate_cols} | "
-             "loss deviation, first / last iteration |", "|---|---|---|---|---|---|---|---|"]
+             "| implementation | s/step | images/s | x reference (each repeat; of the medians) | GFLOP/image | "
+             f"GFLOP/s | {rate_cols} | loss deviation, first / last iteration |", "|---|---|---|---|---|---|---|---|"]
     for label, v in vs.items():
         if "skipped" in v:
             lines.append(f"| {label} | - | - | - | - | - | - | skipped: {v['skipped']} |")
