@@ -99,12 +99,15 @@ def reconstruction_references(cfg, root: Path, n: int = 64) -> dict:
             f"bilinear_{side}x{side}_l1": float(np.mean(low))}
 
 
+rows_needing_baseline = {"baseline", "cu_cls", "pretrained", "pretrained_srf"}  # they are, or start from, it
+
+
 def run_seed(seed: int, rows: list[str], work: Path, base: list[str]) -> dict:
     base = base + [f"train.seed={seed}"]
     out: dict[str, dict] = {}
     no_eval = ["eval.enabled=false"]
-    baseline, baseline_ckpt = train("baseline", ["method.reconstructor=none"], work, base)
-    out["baseline"] = baseline
+    if rows_needing_baseline & set(rows):
+        out["baseline"], baseline_ckpt = train("baseline", ["method.reconstructor=none"], work, base)
     for srf, suffix in ((NO_SRF, ""), ([], "_srf")):
         if f"pretrained{suffix}" in rows:
             _, ru_ckpt = train(f"reconstructor_pretraining{suffix}", srf + no_eval + [
@@ -113,7 +116,8 @@ def run_seed(seed: int, rows: list[str], work: Path, base: list[str]) -> dict:
                 "method.reconstructor=pretrained", f"method.pretrained_reconstructor={ru_ckpt}"], work, base)
     if "adversarial" in rows:
         out["adversarial"], _ = train("adversarial", NO_SRF, work, base)
-    out["adversarial_srf"], _ = train("adversarial_srf", [], work, base)
+    if {"adversarial_srf", "cu_all"} & set(rows):
+        out["adversarial_srf"], _ = train("adversarial_srf", [], work, base)
     if "cu_cls_t" in rows:
         out["cu_cls_t"], _ = train("cu_cls_t", ["method.cu_nontarget_weight=0"], work, base)
     if "cu_cls_nt" in rows:
@@ -121,7 +125,7 @@ def run_seed(seed: int, rows: list[str], work: Path, base: list[str]) -> dict:
     for row, overrides in EXTRA.items():
         if row in rows:
             out[row], _ = train(row, overrides, work, base)
-    out["cu_cls"], out["cu_all"] = out["baseline"], out["adversarial_srf"]
+    out["cu_cls"], out["cu_all"] = out.get("baseline"), out.get("adversarial_srf")
     return {k: v for k, v in out.items() if k in rows}
 
 
@@ -205,6 +209,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="epochs of the demo data per run (identical for every row)")
     ap.add_argument("--pretrain-epochs", type=int, default=10,
                     help="epochs of backbone pre-training on another synthetic set (0: random initialisation)")
+    ap.add_argument("--rows", nargs="+", choices=list(PAPER) + list(EXTRA), metavar="ROW",
+                    help="only these rows (their own results file and section), e.g. `--rows adversarial_srf "
+                         "adversarial_srf_bf16` for bf16 against fp32")
     ap.add_argument("--budgets", type=int, nargs="+", metavar="EPOCHS",
                     help="instead of the tables: baseline vs adversarial_srf at each of these epoch budgets")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml for every run")
@@ -212,13 +219,16 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.budgets:
         return budget_sweep(args)
-    rows = list(PAPER) + list(EXTRA)
+    rows = args.rows or list(PAPER) + list(EXTRA)
     if args.quick:
         # One seed of two rows, 2 epochs each (never fewer steps per epoch: at 20 steps per epoch the classifier is far
         # from converged and the comparison says nothing: baseline 26.9 vs 61.6 at 40 steps).
         rows, args.seeds, args.epochs = ["baseline", "adversarial_srf"], args.seeds[:1], min(args.epochs, 2)
-    # Budget: args.epochs of the demo data per run (4: the full table takes about an hour here).
-    base = ["train.log_every_steps=0", "train.threads_per_worker=2", f"train.epochs={args.epochs}", *args.overrides]
+    # Budget: args.epochs of the demo data per run (4: the full table takes about an hour here). The rows run in fp32
+    # (configs/demo.yaml's bf16_where_fast would make `adversarial_srf` a bf16 row too): `adversarial_srf_bf16` is the
+    # one that differs by its precision.
+    base = ["train.log_every_steps=0", "train.threads_per_worker=2", f"train.epochs={args.epochs}",
+            "train.precision=fp32", *args.overrides]
     t = time.perf_counter()
     base = base + [f"model.pretrained={pretrained_backbone(args.pretrain_epochs, base)}" if args.pretrain_epochs
                    else "model.pretrained=null"]
@@ -251,7 +261,8 @@ def write_results(args, rows: list[str], per_seed: list[dict], budget: str, base
               "command": " ".join(["python", "benchmarks/ablations.py", *sys.argv[1:]]), "machine": machine(),
               "runs": [{"seed": s, **{row: {k: r[row][k] for k in RUN_KEYS if k in r[row]} for row in rows}}
                        for s, r in zip(done, per_seed)]}
-    out = REPO / "benchmarks" / "results" / ("ablations_quick.json" if args.quick else "ablations.json")
+    name = "ablations_quick" if args.quick else "ablations_rows" if args.rows else "ablations"
+    out = REPO / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     text = markdown(result["rows"], budget)
@@ -263,7 +274,8 @@ def write_results(args, rows: list[str], per_seed: list[dict], budget: str, base
                  f"mean colour gives {rec['mean_colour_l1']:.3f}, and the image at the feature resolution "
                  f"({side.split('_')[1]}, bilinear) {rec[side]:.3f} (ImageNet-normalised units, {rec['images']} "
                  "training images). An adversary above the mean-colour line carries no information about the image.\n")
-    write_benchmarks_md("ablations (quick)" if args.quick else "ablations",
+    section = {"ablations_quick": "ablations (quick)", "ablations_rows": "ablations (selected rows)"}.get(name, name)
+    write_benchmarks_md(section,
                         f"Command: `{result['command']}` (commit {result['commit']}, {result['minutes']:.0f} min).\n\n"
                         + text)
     print(text, flush=True)

@@ -80,6 +80,25 @@ def main() -> None:
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['threshold']:.2f}{edge} |")
     if "pipeline" in rows:
         print(f"| pipeline demo | {rows['pipeline']['seconds']:.0f} | <= {TARGETS['pipeline']} | | | | |")
+        print_pipeline(rows["pipeline"]["report"])
+
+
+def print_pipeline(report: dict) -> None:
+    """The pipeline demo's stages as issue 16 checks them: seed < +CRF < mask (mask >= seed + 3), and DeepLab on the
+    pseudo-labels at >= 85% of the same DeepLab on the ground truth."""
+    st = report["stages"]
+    p2 = st.get("pseudo_labels", {})
+    print("\n| stage | seconds | result |\n|---|---|---|")
+    print(f"| 1 CAMs | {st['cams'].get('seconds', 0):.0f} | CAM mIoU {100 * st['cams'].get('cam_miou', float('nan')):.1f} |")
+    print(f"| 2 pseudo-labels | {p2.get('seconds', 0):.0f} | seed {100 * p2.get('seed_miou', float('nan')):.1f} < "
+          f"+CRF {100 * p2.get('crf_miou', float('nan')):.1f} < mask {100 * p2.get('mask_miou', float('nan')):.1f} |")
+    for name in ("deeplab", "deeplab_gt"):
+        d = st.get(name, {})
+        print(f"| {name} | {d.get('seconds', 0):.0f} | val {100 * d.get('val_miou', float('nan')):.1f} / MS "
+              f"{100 * d.get('val_miou_ms', float('nan')):.1f} / +CRF {100 * d.get('val_miou_crf', float('nan')):.1f} |")
+    share = report.get("fraction_of_full_supervision")
+    print(f"| share of full supervision | {report.get('total_seconds', 0):.0f} (stages) | "
+          f"{'-' if share is None else f'{100 * share:.1f}%'} (target >= 85%) |")
 
 
 if __name__ == "__main__":
