@@ -33,7 +33,12 @@ STANDIN = "standin"  # the value of model.pretrained / segment.pretrained that n
 # as many), classification only, BatchNorm learning (its statistics are what a frozen-BN run later uses).
 RECIPE = {"method.reconstructor": "none", "synthetic.seed": 101, "synthetic.train_images": 640,
           "model.freeze_bn": False, "optim.lr": 0.05, "train.epochs": 6, "eval.enabled": False,
-          "model.pretrained": None, "train.log_every_steps": 0, "train.checkpoint_every_steps": 0}
+          "model.pretrained": None, "train.log_every_steps": 0, "train.checkpoint_every_steps": 0,
+          # fp32 whatever the job's train.precision, as ImageNet weights are one file for every job and machine: a
+          # stand-in pre-trained in bf16 depends on the CPU's bf16 kernels, and the demo's CAM with it did too (one
+          # Intel AMX machine, commit 6b33961: demo CAM mIoU 0.545 from a bf16 stand-in, 0.581 from an fp32 one,
+          # the demo itself in bf16 both times; README, "Quickstart").
+          "train.precision": "fp32"}
 
 
 def recipe_config(cfg: Config, backbone: str | None = None, epochs: int | None = None) -> Config:
@@ -45,7 +50,7 @@ def recipe_config(cfg: Config, backbone: str | None = None, epochs: int | None =
     for section in ("synthetic", "model", "augment"):
         tree[section] = user[section]
     tree["data"]["cache_dir"] = user["data"]["cache_dir"]
-    for key in ("batch_size", "max_steps_per_epoch", "threads_per_worker", "precision", "channels_last"):
+    for key in ("batch_size", "max_steps_per_epoch", "threads_per_worker", "channels_last"):
         tree["train"][key] = user["train"][key]
     extra = {"model.backbone": backbone} if backbone else {}
     if epochs is not None:
