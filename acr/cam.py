@@ -32,7 +32,7 @@ def infer_cams(classifier: nn.Module, image: torch.Tensor, labels: torch.Tensor,
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=s < 1.0)
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        cam, _ = classifier(x)
+        cam = classifier.localisation_map(x)
         cam = F.relu(F.interpolate(cam.float(), size=(h, w), mode="bilinear", align_corners=False))
         cam = cam[0] + cam[1].flip(-1) if flip else cam[0]
         total = cam if total is None else total + cam

@@ -21,6 +21,7 @@ from acr.registry import BACKBONES, DATASET_FORMATS
 
 # The names a config may give (acr.registry's tables).
 BackboneName = Literal[tuple(BACKBONES)]
+CNNBackboneName = Literal[tuple(n for n, s in BACKBONES.items() if not s.transformer)]
 DatasetFormat = Literal[tuple(DATASET_FORMATS)]
 
 
@@ -88,6 +89,29 @@ class AugmentConfig:
 
 
 @dataclass
+class ViTConfig:
+    """The ViT classifier (model.backbone deit_tiny | deit_small): MCTformer-v2 (acr/models/mctformer.py). Values
+    from MCTformer's code (github.com/xulianuwa/MCTformer, commit 355a4aa: main.py, run.sh, models.py)."""
+
+    # The map ACR decomposes into A_t in training (it must carry the classifier's gradient): `patchcam` (the conv
+    # head on the patch tokens, trained by global average pooling like the ResNet CAM), `fused` (class-to-patch
+    # attention x ReLU(PatchCAM), both with gradient), `class_attention`. The ACR paper does not say which it used.
+    train_cam: Literal["patchcam", "fused", "class_attention"] = "patchcam"
+    # The map of inference (CAM evaluation, pseudo-labels): run.sh `--attention-type fused`.
+    cam: Literal["patchcam", "fused", "class_attention"] = "fused"
+    # Class-to-patch attention summed over the last this many blocks: run.sh `--layer-index 3`.
+    attention_layers: int = 3
+    # Refine the map of inference by the patch-to-patch attention of all blocks: run.sh `--patch-attn-refine`.
+    affinity_refine: bool = True
+    # Stochastic depth rate (the last block's; linear from 0): main.py `--drop-path 0.1`.
+    drop_path: float = 0.1
+    # The reconstructor's encoder G_E: a CNN (its `model.encoder_taps`), with its own weights (a file, `standin`
+    # or null).
+    encoder_backbone: CNNBackboneName = "resnet38d"
+    encoder_pretrained: str | None = None
+
+
+@dataclass
 class ModelConfig:
     backbone: BackboneName = "resnet38d"
     output_stride: Literal[8, 16] = 8
@@ -110,6 +134,7 @@ class ModelConfig:
     # pix2pix U-Net: `decoder_depth` stride-2 levels, so the crop side must be a multiple of 2**decoder_depth.
     decoder_depth: int = 8
     decoder_width: int = 64
+    vit: ViTConfig = field(default_factory=ViTConfig)
 
 
 @dataclass
@@ -188,6 +213,12 @@ class OptimConfig:
     # (pix2pix trains this U-Net with Adam 2e-4, betas (0.5, 0.999)); an SGD-trained U-Net from scratch needs far
     # more steps than a CPU budget gives before it reconstructs better than the mean colour.
     reconstructor_optimizer: Literal["sgd", "adam"] = "sgd"
+    # The classifier's optimiser. `sgd`: the released code's (above). `adamw`: AdamW at `lr` with
+    # `adamw_weight_decay`, none on biases, norms, tokens and position embedding: the ViT's (MCTformer main.py:
+    # timm's create_optimizer, adamw, weight decay 0.05, lr 5e-4 x batch / 512, which it decays by a cosine with 5
+    # warm-up epochs; here the one poly schedule).
+    classifier_optimizer: Literal["sgd", "adamw"] = "sgd"
+    adamw_weight_decay: float = 0.05
     reconstructor_lr: float | None = None  # null: `lr`
     adam_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
 
@@ -650,6 +681,18 @@ def _data_rules(cfg: Config) -> None:
     _need(d.labels != "file" or d.labels_file, "data.labels=file needs data.labels_file")
 
 
+def _vit_rules(cfg: Config) -> None:
+    """model.vit, for a ViT classifier."""
+    m, v = cfg.model, cfg.model.vit
+    if not BACKBONES[m.backbone].transformer:
+        return
+    _need(cfg.augment.crop_size % m.output_stride == 0, f"augment.crop_size={cfg.augment.crop_size} must be a "
+          f"multiple of {m.backbone}'s patch size {m.output_stride}")
+    _need(1 <= v.attention_layers <= 12, f"model.vit.attention_layers must be in 1..12 (the blocks of "
+          f"{m.backbone}), got {v.attention_layers}")
+    _need(0.0 <= v.drop_path < 1.0, f"model.vit.drop_path must be in [0, 1), got {v.drop_path}")
+
+
 def _network_rules(cfg: Config) -> None:
     """model, augment and method: what the two networks and the step can be built with."""
     m, a, srf = cfg.model, cfg.augment, cfg.method.srf
@@ -657,6 +700,7 @@ def _network_rules(cfg: Config) -> None:
     _need(len(m.encoder_taps) == len(m.encoder_tap_channels) and m.encoder_taps,
           "model.encoder_taps and model.encoder_tap_channels must be non-empty lists of the same length")
     _need_stride("model", m.backbone, m.output_stride)
+    _vit_rules(cfg)
     _need(a.crop_size >= 1, f"augment.crop_size must be >= 1, got {a.crop_size}")
     _need(len(a.resize_range) == 2 and 0 < a.resize_range[0] <= a.resize_range[1],
           f"augment.resize_range must be [low, high] with 0 < low <= high, got {a.resize_range}")
@@ -714,6 +758,9 @@ def _tune_rules(cfg: Config) -> None:
 
 def _pseudo_rules(cfg: Config) -> None:
     ps = cfg.pseudo
+    _need(not BACKBONES[cfg.model.backbone].transformer, f"model.backbone={cfg.model.backbone}: the pseudo-label "
+          "job trains IRN's boundary branch on the classifier's backbone, which must be a CNN (IRN on a ViT "
+          "classifier is not built yet; its CAMs are scored by train.py and tune.py)")
     fg = ps.conf_fg_threshold
     _need(0 < ps.conf_bg_threshold < 1 and (fg is None or ps.conf_bg_threshold <= fg < 1),
           f"pseudo.conf_bg_threshold ({ps.conf_bg_threshold}) must be in (0, pseudo.conf_fg_threshold "

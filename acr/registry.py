@@ -11,6 +11,7 @@ from dataclasses import dataclass
 class BackboneSpec:
     output_strides: tuple[int, ...]
     description: str
+    transformer: bool = False  # a ViT: the classifier is MCTformer-v2 (acr.models.mctformer), the encoder a CNN
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -18,6 +19,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec((8, 16), "torchvision ResNet-50, dilated"),
     "resnet101": BackboneSpec((8, 16), "torchvision ResNet-101, dilated"),
     "resnet18": BackboneSpec((8, 16), "torchvision ResNet-18, dilated (CPU-sized runs)"),
+    "deit_tiny": BackboneSpec((16,), "DeiT-Ti/16 as MCTformer-v2 (timm-format weights; CPU-sized runs)", True),
+    "deit_small": BackboneSpec((16,), "DeiT-S/16 as MCTformer-v2 (MCTformer's and the ACR paper's ViT)", True),
 }
 
 DATASET_FORMATS: dict[str, str] = {

@@ -143,14 +143,14 @@ def _tiny_batch(cfg: Config, batch: int, seed: int = 0):
 def _models(cfg: Config):
     """Both networks in the training layout (train.channels_last) with their optimisers, as the training loop has
     them, from the config's seed."""
-    from acr.method.optim import build_optimizer, build_reconstructor_optimizer
+    from acr.method.optim import build_classifier_optimizer, build_reconstructor_optimizer
     from acr.models.factory import build_classifier, build_reconstructor
 
     torch.manual_seed(cfg.train.seed)
     cls, rec = build_classifier(cfg), build_reconstructor(cfg)
     for net in (cls, rec):
         net.to(memory_format=memory_layout(cfg))
-    return cls, rec, build_optimizer(cls, cfg.optim), build_reconstructor_optimizer(rec, cfg.optim)
+    return cls, rec, build_classifier_optimizer(cls, cfg.optim), build_reconstructor_optimizer(rec, cfg.optim)
 
 
 def acr_flops_per_image(cfg: Config, batch: int) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from acr.config import Config, ConfigError, apply_overrides, load_config, stage_workers, validate
+from acr.registry import BACKBONES
 from tests.conftest import REPO
 
 WORKERS = (1, 2, 4, 8)
@@ -115,8 +116,14 @@ PRESET_JOBS = ("train", "tune", "segment", "pipeline", "prepare_data", "pseudo_l
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("job", PRESET_JOBS)
 def test_every_preset_validates_for_every_job(preset, job):
-    real = config_of(f"configs/{preset}", []).data.format != "synthetic"
-    root = ["data.root=/data/dataset"] if real else []  # the real datasets' presets name no folder: the user does
+    cfg = config_of(f"configs/{preset}", [])
+    root = ["data.root=/data/dataset"] if cfg.data.format != "synthetic" else []  # the real datasets' presets name
+    # no folder: the user does. A ViT classifier's presets are refused, with the reason, by the jobs that build IRN
+    # on the classifier's backbone (not built yet for a ViT: README, "ACR on a ViT").
+    if BACKBONES[cfg.model.backbone].transformer and job in ("pipeline", "pseudo_labels"):
+        with pytest.raises(ConfigError, match="IRN on a ViT classifier is not built yet"):
+            check_on_workers(job, f"configs/{preset}", root)
+        return
     assert check_on_workers(job, f"configs/{preset}", root)
 
 

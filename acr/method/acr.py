@@ -155,7 +155,10 @@ def cu_loss(loss_cls: torch.Tensor, loss_t: torch.Tensor, loss_nt: torch.Tensor,
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_cls: binary cross-entropy with logits, mean over B x C (the released code; = multilabel soft margin), in
-    the labels' precision (bf16 logits under autocast are promoted)."""
+    the labels' precision (bf16 logits under autocast are promoted). Logits (B, C, K) of a classifier with K scores
+    per class (MCTformer-v2: class tokens and PatchCAM) give the sum of the K losses, as MCTformer trains them."""
+    if logits.dim() == 3:
+        return sum(classification_loss(logits[..., k], labels) for k in range(logits.shape[-1]))
     return F.binary_cross_entropy_with_logits(logits.to(labels.dtype), labels)
 
 

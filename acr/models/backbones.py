@@ -186,11 +186,15 @@ def _torchvision(name: str):
 # acr.registry.BACKBONES name -> builder(output_stride, dropout)
 BUILDERS = {"resnet38d": _resnet38d, "resnet50": _torchvision("resnet50"), "resnet101": _torchvision("resnet101"),
             "resnet18": _torchvision("resnet18")}
-assert set(BUILDERS) == set(BACKBONES), "acr.registry.BACKBONES and the builders disagree"
+assert set(BUILDERS) == {n for n, s in BACKBONES.items() if not s.transformer}, \
+    "acr.registry.BACKBONES and the builders disagree"
 
 
 def build_backbone(name: str, output_stride: int = 8, dropout: bool = True) -> nn.Module:
     """The backbone `name` of acr.registry.BACKBONES at `output_stride` (one it supports)."""
+    if name in BACKBONES and BACKBONES[name].transformer:
+        raise ConfigError(f"{name} is a ViT: it is the classifier's backbone only (acr.models.mctformer); the "
+                          "reconstructor's encoder, IRN and DeepLab need a CNN (model.vit.encoder_backbone)")
     if name not in BUILDERS:
         raise ConfigError(f"unknown model.backbone '{name}' (available: {', '.join(BACKBONES)})")
     if output_stride not in BACKBONES[name].output_strides:

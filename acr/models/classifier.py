@@ -60,3 +60,7 @@ class Classifier(FrozenBNModule):
         feats = self.backbone.tail(self.backbone.trunk(image) if trunk is None else trunk)
         cam = self.cam_head(feats["final"])
         return cam, cam.mean(dim=(2, 3))
+
+    def localisation_map(self, image: torch.Tensor) -> torch.Tensor:
+        """The map of inference (acr.cam.infer_cams): the raw CAM."""
+        return self(image)[0]

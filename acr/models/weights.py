@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from acr.errors import WeightsError
@@ -143,8 +144,9 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a bad/unsafe file
         raise WeightsError(f"cannot load {path} as a state dict with weights_only=True: {exc}") from exc
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    for wrapper in ("state_dict", "model"):  # a training checkpoint's weights (DeiT's releases hold them in "model")
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
     if not isinstance(sd, dict):
         raise WeightsError(f"{path}: expected a state dict, got {type(sd).__name__}")
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -175,3 +177,52 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, name: str) -> N
         raise WeightsError(f"{path}: tensor {k} has shape {tuple(sd[k].shape)}, backbone {name} expects "
                            f"{tuple(own[k].shape)}")
     backbone.load_state_dict({k: sd[k] for k in own if k in sd}, strict=False)
+
+
+def _resize_tokens(t: torch.Tensor, count: int) -> torch.Tensor:
+    """(1, T, D) leading tokens -> (1, count, D): one token repeated (DeiT's class token for each of MCTformer's
+    class tokens, as MCTformer main.py does), `count` kept, any other number averaged and then repeated."""
+    if t.shape[1] != count:
+        t = t.mean(dim=1, keepdim=True).expand(1, count, t.shape[2])
+    return t.contiguous()
+
+
+def _resize_position_embedding(pe: torch.Tensor, file_tokens: int, own: torch.Tensor, own_tokens: int,
+                               path: Path) -> torch.Tensor:
+    """A position embedding of `file_tokens` leading tokens and a square patch grid -> the backbone's: the token part
+    by :func:`_resize_tokens`, the grid resized bicubically (MCTformer main.py, timm's resample_abs_pos_embed)."""
+    grid_in, grid_out = (pe.shape[1] - file_tokens) ** 0.5, (own.shape[1] - own_tokens) ** 0.5
+    if grid_in != int(grid_in) or pe.shape[2] != own.shape[2]:
+        raise WeightsError(f"{path}: pos_embed has shape {tuple(pe.shape)}, not one of {file_tokens} token(s) and a "
+                           f"square grid of width {own.shape[2]}")
+    patches = pe[:, file_tokens:].reshape(1, int(grid_in), int(grid_in), -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=(int(grid_out), int(grid_out)), mode="bicubic", align_corners=False)
+    return torch.cat([_resize_tokens(pe[:, :file_tokens], own_tokens),
+                      patches.to(pe.dtype).flatten(2).transpose(1, 2)], dim=1)
+
+
+def load_vit_weights(backbone: nn.Module, path: str | Path, name: str) -> None:
+    """Load a timm-format DeiT checkpoint (a state dict, or DeiT's release file with it under "model") into an
+    acr.models.vit.VisionTransformer, whatever its number of leading tokens and its grid: the class token and the
+    position embedding are adapted (:func:`_resize_position_embedding`); every other tensor must fit exactly."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    sd = _load_state_dict_file(path)
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise WeightsError(f"{path} does not fit backbone {name}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    tokens = sd["cls_token"].shape[1] if sd["cls_token"].dim() == 3 else -1
+    if tokens < 1 or sd["cls_token"].shape[2] != own["cls_token"].shape[2]:
+        raise WeightsError(f"{path}: cls_token has shape {tuple(sd['cls_token'].shape)}, backbone {name} expects "
+                           f"(1, T, {own['cls_token'].shape[2]})")
+    sd = dict(sd, cls_token=_resize_tokens(sd["cls_token"], backbone.num_tokens),
+              pos_embed=_resize_position_embedding(sd["pos_embed"], tokens, own["pos_embed"], backbone.num_tokens,
+                                                   path))
+    bad = [k for k in own if sd[k].shape != own[k].shape]
+    if bad:
+        k = bad[0]
+        raise WeightsError(f"{path}: tensor {k} has shape {tuple(sd[k].shape)}, backbone {name} expects "
+                           f"{tuple(own[k].shape)}")
+    backbone.load_state_dict({k: sd[k] for k in own})

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from acr.checkpoint import export_backbone
 from acr.config import Config, apply_overrides, config_from_dict, to_dict
 from acr.data.synthetic import GENERATOR_VERSION, default_cache_dir
+from acr.registry import BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ RECIPE = {"method.reconstructor": "none", "synthetic.seed": 101, "synthetic.trai
           # Intel AMX machine, commit 6b33961: demo CAM mIoU 0.545 from a bf16 stand-in, 0.581 from an fp32 one,
           # the demo itself in bf16 both times; README, "Quickstart").
           "train.precision": "fp32"}
+# A ViT (MCTformer-v2 trained as a classifier, acr.models.mctformer) with its optimiser, AdamW (MCTformer main.py:
+# lr 5e-4 for batch 512; here batch 8 from scratch, where 5e-4 trains and the scaled 8e-6 does not move).
+VIT_RECIPE = {"optim.classifier_optimizer": "adamw", "optim.lr": 5e-4, "model.vit.encoder_pretrained": None}
 
 
 def recipe_config(cfg: Config, backbone: str | None = None, epochs: int | None = None) -> Config:
@@ -52,15 +56,21 @@ def recipe_config(cfg: Config, backbone: str | None = None, epochs: int | None =
     tree["data"]["cache_dir"] = user["data"]["cache_dir"]
     for key in ("batch_size", "max_steps_per_epoch", "threads_per_worker", "channels_last"):
         tree["train"][key] = user["train"][key]
+    if not BACKBONES[backbone or cfg.model.backbone].transformer:  # a CNN's recipe: the ViT's settings do not enter it
+        tree["model"]["vit"] = to_dict(Config())["model"]["vit"]
     extra = {"model.backbone": backbone} if backbone else {}
     if epochs is not None:
         extra["train.epochs"] = epochs
-    return apply_overrides(config_from_dict(tree), {**RECIPE, **extra, "data.format": "synthetic"})
+    recipe = apply_overrides(config_from_dict(tree), {**RECIPE, **extra, "data.format": "synthetic"})
+    return apply_overrides(recipe, VIT_RECIPE) if BACKBONES[recipe.model.backbone].transformer else recipe
 
 
 # Settings that cannot change the weights (tested to give the same step bit for bit), left out of the cache key so
 # that adding them did not invalidate the stand-ins already cached.
 NOT_IN_KEY = (("train", "share_classifier_trunk"),)
+# Settings added after stand-ins were cached: in the key only where they differ from their default, so that adding
+# them did not invalidate the stand-ins already cached (a value that changes the weights still changes the key).
+ADDED_LATER = (("model", "vit"), ("optim", "classifier_optimizer"), ("optim", "adamw_weight_decay"))
 
 
 def standin_path(recipe: Config) -> Path:
@@ -70,6 +80,10 @@ def standin_path(recipe: Config) -> Path:
     shaping["data"].pop("cache_dir")
     for section, key in NOT_IN_KEY:
         shaping[section].pop(key)
+    defaults = to_dict(Config())
+    for section, key in ADDED_LATER:
+        if shaping[section][key] == defaults[section][key]:
+            shaping[section].pop(key)
     key = hashlib.sha256(json.dumps({"generator": GENERATOR_VERSION, "recipe": shaping}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:12]
     return default_cache_dir(recipe.data.cache_dir) / "backbones" / f"{recipe.model.backbone}-standin-{key}.pth"
@@ -102,6 +116,8 @@ def resolve_standin(cfg: Config, train: Callable, model: bool = True, segment: b
     changes = {}
     if model and cfg.model.pretrained == STANDIN:
         changes["model.pretrained"] = str(standin_weights(cfg, train))
+    if model and BACKBONES[cfg.model.backbone].transformer and cfg.model.vit.encoder_pretrained == STANDIN:
+        changes["model.vit.encoder_pretrained"] = str(standin_weights(cfg, train, backbone=cfg.model.vit.encoder_backbone))
     if segment and cfg.segment.pretrained == STANDIN:
         changes["segment.pretrained"] = str(standin_weights(cfg, train, backbone=cfg.segment.backbone))
     return apply_overrides(cfg, changes) if changes else cfg

@@ -24,11 +24,11 @@ from acr.config import Config, config_from_dict, num_classes, to_dict
 from acr.data.ingest import CALIBRATION_EPOCH, EvalRows, TrainPlan, TrainRows, augment_kwargs
 from acr.errors import CheckpointError, ConfigError
 from acr.method.acr import unwrap
-from acr.method.optim import build_optimizer, build_reconstructor_optimizer
+from acr.method.optim import build_classifier_optimizer, build_reconstructor_optimizer
 from acr.method.schedules import srf_probability
 from acr.method.step import StepCounters, bf16_is_fast, memory_layout, train_step, uses_bf16
 from acr.models.backbones import calibrate_batchnorm
-from acr.models.factory import build_classifier, build_reconstructor
+from acr.models.factory import build_classifier, build_reconstructor, is_vit
 from acr.runtime.collectives import all_gather, peak_rss_mb, reduce_mean, replica_divergence
 from acr.runtime.logs import setup_logging
 from acr.runtime.session import RaySession, Session, set_worker_threads
@@ -82,7 +82,7 @@ def build_run(cfg: Config, plan: TrainPlan, rank: int) -> Run:
         classifier.load_state_dict(load_state(cfg.method.init_classifier)["classifier"])
     if not cfg.method.train_classifier:
         classifier.requires_grad_(False)
-    opt_cls = build_optimizer(classifier, cfg.optim) if cfg.method.train_classifier else None
+    opt_cls = build_classifier_optimizer(classifier, cfg.optim) if cfg.method.train_classifier else None
     opt_rec = build_reconstructor_optimizer(reconstructor, cfg.optim) if reconstructor is not None else None
     return Run(cfg, plan, classifier, reconstructor, opt_cls, opt_rec)
 
@@ -117,17 +117,20 @@ def restore(run: Run, session: Session, dtype: torch.dtype) -> bool:
 
 
 def calibrate(run: Run, rows: TrainRows, device: torch.device) -> None:
-    """Random init: the frozen BatchNorm statistics estimated from the same training images on every worker."""
+    """Random init: the frozen BatchNorm statistics estimated from the same training images on every worker (for each
+    network whose backbone starts without weights; a ViT classifier has no BatchNorm, its CNN encoder has)."""
     cfg = run.cfg
-    if cfg.model.pretrained is not None or not cfg.model.freeze_bn or not cfg.model.bn_calibration_images:
+    encoder_weights = cfg.model.vit.encoder_pretrained if is_vit(cfg) else cfg.model.pretrained
+    nets = [net for net, weights in ((None if cfg.method.init_classifier else run.classifier, cfg.model.pretrained),
+                                     (run.reconstructor, encoder_weights)) if net is not None and weights is None]
+    if not nets or not cfg.model.freeze_bn or not cfg.model.bn_calibration_images:
         return
     first = run.plan.indices[: cfg.model.bn_calibration_images]
     images = torch.from_numpy(rows.decode(np.full(len(first), CALIBRATION_EPOCH), np.array(first))["image"])
     calib = [images[j:j + 8].to(device) for j in range(0, len(images), 8)]
-    for net in (None if cfg.method.init_classifier else run.classifier, run.reconstructor):
-        if net is not None:
-            net.to(device)
-            calibrate_batchnorm(net.backbone, calib)
+    for net in nets:
+        net.to(device)
+        calibrate_batchnorm(net.backbone, calib)
 
 
 def _load_frozen_reconstructor(cfg: Config, device: torch.device) -> torch.nn.Module:
