@@ -112,7 +112,8 @@ def markdown(result: dict) -> str:
                       f"{np.mean([v['precision'] for v in vals]):.3f} / {np.mean([v['recall'] for v in vals]):.3f}"]
         lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {PAPER[name][0]} / {PAPER[name][1]} |")
     lines += ["", f"One ACR iteration (RU + CU), batch 8, 128x128, fp32, {torch.get_num_threads()} threads, the demo's "
-              "reconstructor (ResNet-18 encoder), median of the timed steps:", "",
+              "reconstructor (its encoder: the classifier's backbone for the ResNets, ResNet-18 for the ViTs), median of the "
+              "timed steps:", "",
               "| classifier | s/step | images/s | GFLOP/image | GFLOP/s |", "|---|---|---|---|---|"]
     for name, r in result["steps"].items():
         lines.append(f"| {name} | {r['seconds_per_step']:.2f} | {r['images_per_second']:.2f} | "
