@@ -83,7 +83,9 @@ def test_mctformer_maps_and_localisation_map():
     assert torch.equal(cam, m["patchcam"])
     assert torch.allclose(logits[..., 1], m["patchcam"].mean(dim=(2, 3)))
     refined = net.localisation_map(x)
-    want = refine_with_affinity(fuse_maps(m["class_attention"], m["patchcam"]), patch_affinity(m["attn"], 3))
+    want = refine_with_affinity(fuse_maps(m["class_attention"], m["patchcam"]), m["affinity"])
+    assert torch.equal(m["affinity"], patch_affinity(head_mean(net.backbone(x)["attentions"]), 3))
+    assert set(net.maps(x, ("patchcam",), affinity=False)) == {"patchcam", "scores"}  # training: no attention maps
     assert torch.allclose(refined, want)
     assert (refined >= 0).all()  # attention x ReLU(PatchCAM), spread by non-negative affinities
     # another size: the position embedding is resized; a side that is no multiple of 16 is resized to one

@@ -54,10 +54,9 @@ def build_classifier_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.opti
     position embedding; one group at optim.lr, decayed by the one poly schedule)."""
     if cfg.classifier_optimizer == "sgd":
         return build_optimizer(model, cfg)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    flat = {"cls_token", "pos_embed"}
-    decay = [p for n, p in params if p.dim() > 1 and n.split(".")[-1] not in flat]
-    rest = [p for n, p in params if not (p.dim() > 1 and n.split(".")[-1] not in flat)]
+    decays = [(p.dim() > 1 and n.split(".")[-1] not in ("cls_token", "pos_embed"), p)
+              for n, p in model.named_parameters() if p.requires_grad]
+    decay, rest = [p for d, p in decays if d], [p for d, p in decays if not d]
     groups = [{"params": ps, "lr_mult": 1.0, "weight_decay": wd, "name": name, "lr": cfg.lr}
               for ps, wd, name in ((decay, cfg.adamw_weight_decay, "weights"), (rest, 0.0, "no_decay")) if ps]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)

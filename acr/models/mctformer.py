@@ -85,20 +85,26 @@ class MCTformerV2(nn.Module):
         """Nothing is shared between ACR's two classifier passes (stochastic depth acts in every block)."""
         return {"image": image}
 
-    def maps(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def maps(self, image: torch.Tensor, kinds: tuple[str, ...] = CAM_KINDS, affinity: bool = True
+             ) -> dict[str, torch.Tensor]:
+        """PatchCAM and the class-token scores, plus the attention maps in `kinds` and, with `affinity`, the patch
+        affinity: a training step computes only the map ACR decomposes (with the default `patchcam`, no attention
+        map at all)."""
         out = self.backbone(image)
-        c, grid = self.num_classes, out["grid"]
+        c, grid, layers = self.num_classes, out["grid"], self.attention_layers
         patches = out["last_block"][:, c:]
-        patch_map = patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)
-        patchcam = self.cam_head(patch_map)
-        attn = head_mean(out["attentions"])
-        class_attention = class_attention_maps(attn, c, self.attention_layers, grid)
-        return {"patchcam": patchcam, "class_attention": class_attention, "fused": fuse_maps(class_attention, patchcam),
-                "scores": class_token_scores(out["last_block"][:, :c]), "attn": attn}
+        patchcam = self.cam_head(patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid))
+        m = {"patchcam": patchcam, "scores": class_token_scores(out["last_block"][:, :c])}
+        if {"fused", "class_attention"} & set(kinds):
+            class_attention = class_attention_maps(head_mean(out["attentions"][-layers:]), c, layers, grid)
+            m.update(class_attention=class_attention, fused=fuse_maps(class_attention, patchcam))
+        if affinity:
+            m["affinity"] = patch_affinity(head_mean(out["attentions"]), c)
+        return m
 
     def forward(self, image: torch.Tensor, trunk: dict[str, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.maps(image)
+        m = self.maps(image, (self.train_cam,), affinity=False)
         logits = torch.stack([m["scores"], m["patchcam"].mean(dim=(2, 3))], dim=-1)
         return m[self.train_cam], logits
 
@@ -109,8 +115,5 @@ class MCTformerV2(nn.Module):
         if h % p or w % p:  # MCTformer crops to a multiple of the patch size; resizing keeps the whole image
             size = (max(p, round(h / p) * p), max(p, round(w / p) * p))
             image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        m = self.maps(image)
-        out = m[self.cam]
-        if self.affinity_refine:
-            out = refine_with_affinity(out, patch_affinity(m["attn"], self.num_classes))
-        return out
+        m = self.maps(image, (self.cam,), self.affinity_refine)
+        return refine_with_affinity(m[self.cam], m["affinity"]) if self.affinity_refine else m[self.cam]
