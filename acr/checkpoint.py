@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +13,9 @@ import torch
 from acr.config import Config, config_from_dict
 from acr.errors import CheckpointError, ConfigError
 from acr.storage import RunFolder, is_uri, write_atomically
-from acr.models.factory import build_classifier, build_reconstructor
+from acr.models.backbones import build_backbone
+from acr.models.factory import build_classifier, build_reconstructor, is_vit
+from acr.models.weights import load_backbone_weights
 
 STATE_FILE = "state.pt"
 
@@ -101,8 +104,75 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the classifier's backbone of a checkpoint as a plain state dict that `model.pretrained` accepts (the
     same tensor names as the ImageNet weights files), so that a classifier trained on one dataset can initialise
     both networks of a run on another: the embedded benchmark's stand-in for ImageNet pre-training."""
-    state = load_state(checkpoint)
-    backbone = {k.removeprefix("backbone."): v for k, v in state["classifier"].items() if k.startswith("backbone.")}
+    backbone = _prefixed(load_state(checkpoint)["classifier"], "backbone.")
     if not backbone:
         raise ValueError(f"{checkpoint}: the classifier state has no backbone tensors")
     return write_atomically(Path(out), lambda f: torch.save(backbone, f))
+
+
+# Where the CNN that IRN freezes (pseudo.irn_backbone) and DeepLab starts from (segment.init_backbone) comes from.
+BACKBONE_SOURCES = ("auto", "classifier", "encoder", "pretrained")
+
+
+@dataclass(frozen=True)
+class CnnBackbone:
+    """A CNN backbone of a checkpoint: its acr.registry name, output stride, and weights, either a state dict
+    (`state`, the trained network's) or a weights file (`weights_file`, what the run started from)."""
+    name: str
+    output_stride: int
+    state: dict | None
+    weights_file: str | None
+    description: str
+
+    def build(self, dropout: bool = False) -> torch.nn.Module:
+        backbone = build_backbone(self.name, self.output_stride, dropout=dropout)
+        if self.state is not None:
+            backbone.load_state_dict(self.state)
+        elif self.weights_file:
+            load_backbone_weights(backbone, self.weights_file, self.name)
+        return backbone
+
+
+def backbone_source(cfg: Config, which: str, has_reconstructor: bool) -> str:
+    """`auto`: the classifier's backbone for a CNN classifier; for a ViT one (MCTformer-v2, no stride-4 features
+    for IRN and no DeepLab form) the reconstructor's CNN encoder G_E, or without a reconstructor the ImageNet CNN
+    the encoder would have started from (IRN's own choice: an ImageNet ResNet-50, frozen)."""
+    if which not in BACKBONE_SOURCES:
+        raise ConfigError(f"backbone source '{which}' is not one of {BACKBONE_SOURCES}")
+    if which != "auto":
+        return which
+    if not is_vit(cfg):
+        return "classifier"
+    return "encoder" if has_reconstructor else "pretrained"
+
+
+def checkpoint_backbone(state: dict, where: str, which: str = "auto") -> CnnBackbone:
+    """The CNN backbone `which` (BACKBONE_SOURCES) of a checkpoint's `state`: `classifier` (a CNN classifier's),
+    `encoder` (the reconstructor's encoder G_E, trained by the RU phase) or `pretrained` (the CNN of the same name
+    built from the ImageNet weights file the run started from). Errors name the checkpoint and the choice."""
+    cfg = config_from_dict(state["config"])
+    m, vit = cfg.model, is_vit(cfg)
+    source = backbone_source(cfg, which, state.get("reconstructor") is not None)
+    name, stride = (m.vit.encoder_backbone, 8) if vit else (m.backbone, m.output_stride)
+    if source == "classifier":
+        if vit:
+            raise ConfigError(f"{where}: the classifier is a ViT ({m.backbone}); IRN and DeepLab need a CNN: choose "
+                              "`encoder` (the reconstructor's) or `pretrained`")
+        return CnnBackbone(name, stride, _prefixed(state["classifier"], "backbone."), None,
+                           f"the classifier's {name} of {where}")
+    if source == "encoder":
+        if state.get("reconstructor") is None:
+            raise CheckpointError(f"{where} holds no reconstructor (method.reconstructor=none), so no encoder: "
+                                  "choose `pretrained` or `classifier`")
+        return CnnBackbone(name, stride, _prefixed(state["reconstructor"], "backbone."), None,
+                           f"the reconstructor's encoder {name} of {where}")
+    weights = m.vit.encoder_pretrained if vit else m.pretrained
+    if not weights or weights == "standin":
+        raise ConfigError(f"{where} was trained from {'no weights file' if not weights else 'an unresolved stand-in'} "
+                          f"({'model.vit.encoder_pretrained' if vit else 'model.pretrained'}={weights}): `pretrained` "
+                          "has no weights to take")
+    return CnnBackbone(name, stride, None, weights, f"{name} from {weights} (the weights {where} started from)")
+
+
+def _prefixed(state: dict, prefix: str) -> dict:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}

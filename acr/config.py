@@ -345,6 +345,12 @@ class PseudoConfig:
     irn_lr: float = 0.1
     irn_weight_decay: float = 1e-4
     irn_width: int = 32
+    # The frozen CNN under IRN's boundary branch, from the checkpoint: `classifier` (the classifier's backbone, this
+    # project's choice for a CNN classifier), `encoder` (the reconstructor's encoder G_E, a CNN trained by the RU
+    # phase), `pretrained` (the CNN built from the ImageNet weights file the run started from: IRN's own choice, an
+    # ImageNet ResNet-50); `auto`: classifier for a CNN classifier, for a ViT one (MCTformer-v2 has no stride-4
+    # features) encoder, or pretrained where the run had no reconstructor (acr.checkpoint.checkpoint_backbone).
+    irn_backbone: Literal["auto", "classifier", "encoder", "pretrained"] = "auto"
     # IRN's own Ray Train scaling: workers (null: scaling.num_workers); a checkpoint every this many steps besides
     # the one after every epoch (null: per epoch only), what a lost worker or driver costs at most.
     irn_num_workers: int | None = None
@@ -758,9 +764,12 @@ def _tune_rules(cfg: Config) -> None:
 
 def _pseudo_rules(cfg: Config) -> None:
     ps = cfg.pseudo
-    _need(not BACKBONES[cfg.model.backbone].transformer, f"model.backbone={cfg.model.backbone}: the pseudo-label "
-          "job trains IRN's boundary branch on the classifier's backbone, which must be a CNN (IRN on a ViT "
-          "classifier is not built yet; its CAMs are scored by train.py and tune.py)")
+    vit = BACKBONES[cfg.model.backbone].transformer
+    _need(not (vit and ps.irn_backbone == "classifier"), f"pseudo.irn_backbone=classifier: the classifier is a ViT "
+          f"({cfg.model.backbone}) and IRN's boundary branch needs a CNN's stride-4 features: choose auto, encoder "
+          "(the reconstructor's) or pretrained")
+    _need(not (ps.irn_backbone == "encoder" and cfg.method.reconstructor == "none"), "pseudo.irn_backbone=encoder: "
+          "the classifier was trained without a reconstructor (method.reconstructor=none): choose auto or pretrained")
     fg = ps.conf_fg_threshold
     _need(0 < ps.conf_bg_threshold < 1 and (fg is None or ps.conf_bg_threshold <= fg < 1),
           f"pseudo.conf_bg_threshold ({ps.conf_bg_threshold}) must be in (0, pseudo.conf_fg_threshold "

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from acr.config import Config, ConfigError, apply_overrides, load_config, stage_workers, validate
-from acr.registry import BACKBONES
 from tests.conftest import REPO
 
 WORKERS = (1, 2, 4, 8)
@@ -118,13 +117,20 @@ PRESET_JOBS = ("train", "tune", "segment", "pipeline", "prepare_data", "pseudo_l
 def test_every_preset_validates_for_every_job(preset, job):
     cfg = config_of(f"configs/{preset}", [])
     root = ["data.root=/data/dataset"] if cfg.data.format != "synthetic" else []  # the real datasets' presets name
-    # no folder: the user does. A ViT classifier's presets are refused, with the reason, by the jobs that build IRN
-    # on the classifier's backbone (not built yet for a ViT: README, "ACR on a ViT").
-    if BACKBONES[cfg.model.backbone].transformer and job in ("pipeline", "pseudo_labels"):
-        with pytest.raises(ConfigError, match="IRN on a ViT classifier is not built yet"):
-            check_on_workers(job, f"configs/{preset}", root)
-        return
+    # no folder: the user does. The ViT presets too: every job takes them (IRN and DeepLab on a CNN of the checkpoint).
     assert check_on_workers(job, f"configs/{preset}", root)
+
+
+def test_a_vit_classifier_refuses_irn_on_its_own_backbone_naming_the_choices():
+    cfg = config_of("configs/demo_vit.yaml", [])
+    with pytest.raises(ConfigError, match=r"pseudo.irn_backbone=classifier: the classifier is a ViT \(deit_tiny\).*"
+                                          "choose auto, encoder"):
+        validate(apply_overrides(cfg, {"pseudo.irn_backbone": "classifier"}), "pseudo_labels")
+    with pytest.raises(ConfigError, match="pseudo.irn_backbone=encoder: the classifier was trained without a "
+                                          "reconstructor"):
+        validate(apply_overrides(cfg, {"pseudo.irn_backbone": "encoder", "method.reconstructor": "none"}),
+                 "pseudo_labels")
+    validate(apply_overrides(cfg, {"method.reconstructor": "none"}), "pseudo_labels")  # auto: the ImageNet CNN
 
 
 def test_a_pipeline_error_names_the_stage_and_its_job():

@@ -66,7 +66,7 @@ def test_pipeline_killed_in_stage_3_continues_from_there(cache_dir, tmp_path):
                                       {"kept": False, "epochs": 1, "steps_per_epoch": 1, "resumed_from": [1, 0],
                                        "seconds": seg["stages"]["train"]["seconds"]})
     assert seg["resumes"] == ([] if epochs_before == 2 else [[1, 0]])  # the network restored once, at epoch 1
-    assert seg["backbone_init"].startswith("the classifier of") and seg["split"] == "train"
+    assert seg["backbone_init"].startswith("the trained CNN of") and seg["split"] == "train"
     assert seg["train_images"] == 8  # the images the pseudo-label job labelled
     report = json.loads((out / "report.json").read_text())
     assert report["stages"]["cams"]["status"] == "kept" and report["stages"]["pseudo_labels"]["status"] == "kept"

@@ -158,29 +158,49 @@ def test_vit_cu_phase_trains_only_the_classifier_and_reaches_it_through_the_map(
 
 
 @pytest.mark.slow
-def test_train_runs_the_vit_on_the_embedded_default_from_its_standins(ray_local, cache_dir, tmp_path):
+def test_the_pipeline_runs_on_the_vit_from_its_standins(cache_dir, tmp_path):
+    """ray_jobs/pipeline.py with the ViT preset: train.py's run (1 epoch, summary.json, overlays), pseudo-labels
+    with IRN on the reconstructor's encoder, DeepLab started from that encoder."""
     import json
+    import os
+    import subprocess
+    import sys
 
     from acr.checkpoint import load_state
-    from acr.train.driver import run_training
+    from acr.config import config_from_dict
+    from acr.pseudo.irn import load_trained_irn
+    from tests.conftest import REPO
+    from tests.test_pipeline import PIPELINE
 
-    cfg = load_config("configs/demo_vit.yaml", TINY_OVERRIDES + [
-        f"data.cache_dir={cache_dir}", "synthetic.num_classes=3", "model.backbone=deit_tiny",
-        "model.output_stride=16", "model.pretrained=standin", "model.vit.encoder_pretrained=standin",
-        "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4", "train.log_every_steps=1"])
-    run_training(cfg, tmp_path / "run")
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert 0.0 <= summary["cam_miou"] <= 1.0 and (tmp_path / "run" / "cam_overlays.png").stat().st_size > 0
+    out = tmp_path / "pipe"
+    args = [sys.executable, "ray_jobs/pipeline.py", "--config", "configs/demo_vit.yaml", "--output-dir", str(out),
+            *TINY_OVERRIDES, *PIPELINE, f"data.cache_dir={cache_dir}", "synthetic.num_classes=3",
+            "model.backbone=deit_tiny", "model.output_stride=16", "model.pretrained=standin",
+            "model.vit.encoder_pretrained=standin", "train.log_every_steps=1", "pipeline.upper_bound=false"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    summary = json.loads((out / "1_cams" / "summary.json").read_text())
+    assert 0.0 <= summary["cam_miou"] <= 1.0 and (out / "1_cams" / "cam_overlays.png").stat().st_size > 0
     made = sorted(p.name.split("-")[0] for p in (cache_dir / "backbones").glob("*-standin-*.pth"))
     assert "deit_tiny" in made and "resnet18" in made  # the ViT's and its encoder's stand-ins
     state = load_state(summary["checkpoint"])
     assert state["classifier"]["backbone.cls_token"].shape == (1, 3, 192)  # one class token per class
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    history = json.loads((out / "1_cams" / "history.json").read_text())
     assert len(history["steps"]) == 2
     epoch = history["epochs"][0]
     # L_cls is the sum of MCTformer's two losses: near 2 x log 2 after two steps, more than one BCE would be
     assert 1.0 < epoch["cu/loss_cls"] < 3.0
     assert epoch["cu/loss_t"] < 0 and epoch["cu/loss_nt"] < 0  # ACR's CU terms are in (the classifier maximises them)
+    pseudo = json.loads((out / "2_pseudo_labels" / "summary.json").read_text())
+    assert pseudo["stages"]["irn"]["backbone"] == "encoder" and 0.0 <= pseudo["mask_miou"] <= 1.0
+    assert len(list((out / "2_pseudo_labels" / "masks").glob("*.png"))) == 8
+    irn = load_trained_irn(config_from_dict(pseudo["config"]), out / "2_pseudo_labels")
+    assert torch.equal(irn.backbone.state_dict()["conv1.weight"], state["reconstructor"]["backbone.conv1.weight"])
+    seg = json.loads((out / "3_deeplab" / "summary.json").read_text())
+    assert seg["backbone_init"].startswith("the trained CNN of") and 0.0 <= seg["val_miou"] <= 1.0
+    report = json.loads((out / "report.json").read_text())
+    assert report["val_miou_pseudo"] == seg["val_miou"]
 
 
 def test_the_vit_demo_shares_the_resnet_demos_encoder_standin():
@@ -191,3 +211,34 @@ def test_the_vit_demo_shares_the_resnet_demos_encoder_standin():
     own = recipe_config(vit)
     assert standin_path(own).name.startswith("deit_tiny-standin-")
     assert own.optim.classifier_optimizer == "adamw" and own.method.reconstructor == "none"
+
+
+def test_irn_and_deeplab_take_a_cnn_of_the_checkpoint_named_by_the_choice(tmp_path):
+    from acr.checkpoint import checkpoint_backbone
+    from acr.config import apply_overrides, to_dict
+    from acr.errors import CheckpointError
+
+    torch.manual_seed(0)
+    cfg = load_config(None, VIT_OVERRIDES)
+    cls, rec = build_classifier(cfg), build_reconstructor(cfg)
+    state = {"config": to_dict(cfg), "classifier": cls.state_dict(), "reconstructor": rec.state_dict()}
+    src = checkpoint_backbone(state, "ckpt")  # auto, a ViT with a reconstructor: its encoder
+    assert (src.name, src.output_stride) == ("resnet18", 8) and "reconstructor's encoder" in src.description
+    assert torch.equal(src.build().conv1.weight, rec.backbone.conv1.weight)
+    with pytest.raises(ConfigError, match="ckpt: the classifier is a ViT \\(deit_tiny\\)"):
+        checkpoint_backbone(state, "ckpt", "classifier")
+    baseline = {**state, "reconstructor": None}
+    with pytest.raises(CheckpointError, match="ckpt holds no reconstructor"):
+        checkpoint_backbone(baseline, "ckpt", "encoder")
+    with pytest.raises(ConfigError, match="ckpt was trained from no weights file"):
+        checkpoint_backbone(baseline, "ckpt")  # auto without a reconstructor: the ImageNet CNN, which it lacks
+    weights = tmp_path / "resnet18.pth"
+    torch.save(rec.backbone.state_dict(), weights)
+    with_file = {**baseline, "config": to_dict(apply_overrides(cfg, {"model.vit.encoder_pretrained": str(weights)}))}
+    src = checkpoint_backbone(with_file, "ckpt")
+    assert src.weights_file == str(weights) and torch.equal(src.build().conv1.weight, rec.backbone.conv1.weight)
+    cnn = load_config(None, TINY_OVERRIDES)
+    cnn_state = {"config": to_dict(cnn), "classifier": build_classifier(cnn).state_dict(), "reconstructor": None}
+    src = checkpoint_backbone(cnn_state, "ckpt")  # auto, a CNN classifier: its backbone
+    assert src.name == "resnet18" and torch.equal(src.state["conv1.weight"], cnn_state["classifier"][
+        "backbone.conv1.weight"])

@@ -72,25 +72,25 @@ class DeepLab(nn.Module):
                 {"params": list(self.head.parameters()), "lr": lr * head_multiplier, "lr_mult": head_multiplier}]
 
 
-def init_backbone_from_checkpoint(model: DeepLab, state: dict, where: str) -> None:
-    """Copy an ACR checkpoint's classifier backbone (`state`: its state dict) into DeepLab's backbone."""
+def init_backbone_from_checkpoint(model: DeepLab, sd: dict, where: str) -> None:
+    """Copy a trained CNN backbone (`sd`: its state dict, acr.checkpoint.checkpoint_backbone) into DeepLab's."""
     own = model.backbone.state_dict()
-    sd = {k.removeprefix("backbone."): v for k, v in state["classifier"].items() if k.startswith("backbone.")}
     missing = [k for k in own if k not in sd]
     bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or bad:
-        raise WeightsError(f"{where}: the classifier's backbone does not fit DeepLab's ({len(missing)} tensors "
+        raise WeightsError(f"{where} does not fit DeepLab's backbone ({len(missing)} tensors "
                            f"missing, {len(bad)} of another shape, e.g. {(missing + bad)[:2]}); set segment.backbone "
-                           f"to the classifier's model.backbone")
+                           f"to its name")
     model.backbone.load_state_dict(sd)
 
 
-def build_deeplab(segment_cfg, num_labels: int, init_state: dict | None = None,
+def build_deeplab(segment_cfg, num_labels: int, init_backbone: dict | None = None,
                   init_where: str | Path = "") -> DeepLab:
+    """DeepLab of `segment_cfg`, its backbone's weights from `init_backbone` (a state dict) where given."""
     sg = segment_cfg
     model = DeepLab(sg.backbone, num_labels, sg.head, sg.output_stride, sg.freeze_bn, sg.pretrained)
-    if init_state is not None:
-        init_backbone_from_checkpoint(model, init_state, str(init_where))
+    if init_backbone is not None:
+        init_backbone_from_checkpoint(model, init_backbone, str(init_where))
     return model
 
 

@@ -1,10 +1,10 @@
-"""[4] IRN's class-boundary branch on the classifier's frozen backbone (IRN's train_irn), trained with Ray Train.
+"""[4] IRN's class-boundary branch on a frozen CNN (pseudo.irn_backbone; IRN's train_irn), trained with Ray Train.
 
 Every epoch visits the job's images in an order from (train.seed, epoch); each crop is a random rescale, flip and
 crop of the image and its confident labels, seeded by (seed, epoch, image id). The loss is IRN's class-boundary
 loss over the pairs within `pseudo.irn_radius`, with SGD (no momentum, as IRN's PolyOptimizer) and the poly LR. The
 run lives in <job>/irn (local or s3://): checkpoints (the boundary branch, its optimiser, counters; the frozen
-backbone is the classifier's) after every epoch and every `pseudo.irn_checkpoint_every_steps` steps; a lost worker
+CNN is pseudo.checkpoint's) after every epoch and every `pseudo.irn_checkpoint_every_steps` steps; a lost worker
 restarts from the last one (`scaling.max_failures`) and a rerun of the job continues it.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from acr.checkpoint import load_state
+from acr.checkpoint import checkpoint_backbone, load_state
 from acr.config import Config, config_from_dict, stage_workers, to_dict
 from acr.data.shards import ShardReader, decode_image_bytes
 from acr.data.transforms import scale_flip_crop_pair
@@ -39,12 +39,13 @@ IRN_DIR = "irn"
 
 
 def build_irn(cfg: Config, checkpoint: str | None = None, device: torch.device | str = "cpu") -> IRNet:
-    """IRN's boundary branch on the classifier's backbone (taken from `checkpoint`, frozen)."""
-    backbone = build_backbone(cfg.model.backbone, cfg.model.output_stride, dropout=False)
-    if checkpoint is not None:
-        state = load_state(checkpoint)["classifier"]
-        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
-                                  if k.startswith("backbone.")})
+    """IRN's boundary branch on the frozen CNN `pseudo.irn_backbone` of `checkpoint` (the classifier's backbone, the
+    reconstructor's encoder or the ImageNet CNN: acr.checkpoint.checkpoint_backbone); without a checkpoint on a
+    random model.backbone."""
+    if checkpoint is None:
+        backbone = build_backbone(cfg.model.backbone, cfg.model.output_stride, dropout=False)
+    else:
+        backbone = checkpoint_backbone(load_state(checkpoint), checkpoint, cfg.pseudo.irn_backbone).build()
     return IRNet(backbone, cfg.pseudo.irn_width).to(device)
 
 
@@ -122,7 +123,7 @@ def train_irn(cfg: Config, job: RunFolder, ckpt: str, shards: tuple, total: int,
 
 
 def load_trained_irn(cfg: Config, job: RunFolder | str | Path, device: torch.device | str = "cpu") -> IRNet:
-    """The trained IRN of a job folder: the classifier's backbone (pseudo.checkpoint) and the boundary branch of
+    """The trained IRN of a job folder: the frozen CNN of pseudo.checkpoint (pseudo.irn_backbone) and the boundary branch of
     the latest checkpoint in <job>/irn."""
     restored = read_latest(RunFolder.of(job).sub(IRN_DIR), map_location=device)
     if restored is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ray.data
 
-from acr.checkpoint import load_state, resolve_checkpoint
+from acr.checkpoint import backbone_source, load_state, resolve_checkpoint
 from acr.config import Config, apply_overrides, config_from_dict, num_classes, to_dict, validate
 from acr.data.sources import ensure_shards
 from acr.errors import ConfigError
@@ -79,6 +79,7 @@ def _stages(cfg: Config, folder: RunFolder, files: ImageFiles, ids: list[str], s
                                      bg=ps.conf_bg_threshold, num_classes=n_classes, shards=shards, where=where,
                                      order=order), batch_size=4, num_cpus=ps.actor_cpus))
     stages["irn"] = train_irn(cfg, folder, ps.checkpoint, shards, len(ids), where)
+    stages["irn"]["backbone"] = backbone_source(cfg, ps.irn_backbone, cfg.method.reconstructor != "none")
     if ps.sem_seg_bg_threshold is None:
         cfg = apply_overrides(cfg, {"pseudo.sem_seg_bg_threshold": threshold})
         summary["mask_bg_threshold_source"] = "the seed threshold"

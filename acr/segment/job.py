@@ -10,7 +10,7 @@ from pathlib import Path
 import ray.data
 from tqdm import tqdm
 
-from acr.checkpoint import load_state, resolve_checkpoint
+from acr.checkpoint import checkpoint_backbone, load_state, resolve_checkpoint
 from acr.config import Config, apply_overrides, config_from_dict, num_classes, to_dict, validate
 from acr.data.shards import iter_split_rows
 from acr.data.sources import ensure_shards
@@ -62,9 +62,9 @@ def _init_backbone(cfg: Config) -> str | None:
     if not sg.init_backbone:
         return None
     ckpt = resolve_checkpoint(sg.init_backbone, "segment.init_backbone")
-    trained = config_from_dict(load_state(ckpt)["config"]).model.backbone
-    if trained != sg.backbone:
-        raise ConfigError(f"segment.init_backbone={sg.init_backbone} is a {trained} classifier but segment.backbone="
+    src = checkpoint_backbone(load_state(ckpt), f"segment.init_backbone={sg.init_backbone}")
+    if src.name != sg.backbone:
+        raise ConfigError(f"segment.init_backbone: {src.description} is a {src.name}, but segment.backbone="
                           f"{sg.backbone}")
     return ckpt
 
@@ -116,7 +116,7 @@ def _summary_head(cfg: Config, labels: str, init: str | None, uri: str, n_train:
     return {"labels": labels, "split": sg.split, "val_split": sg.val_split, "train_images": n_train,
             "val_images": n_val, "backbone": sg.backbone, "head": sg.head,
             "backbone_init": (f"ImageNet weights {sg.pretrained}" if sg.pretrained else
-                              f"the classifier of {init}" if init else "random (no weights given)"),
+                              f"the trained CNN of {init}" if init else "random (no weights given)"),
             "init_backbone": init, "pretrained": sg.pretrained, "shards": uri, "stages": {}}
 
 

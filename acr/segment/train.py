@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from acr.checkpoint import load_state
+from acr.checkpoint import checkpoint_backbone, load_state
 from acr.config import Config, config_from_dict, num_classes, stage_workers, to_dict
 from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes
 from acr.data.transforms import scale_flip_crop_pair
@@ -69,8 +69,13 @@ def segment_samples(batch: dict, labels: str, crop: int, scale_range: list[float
 
 
 def build_model(cfg: Config, init: str | None = None) -> DeepLab:
-    """DeepLab with its backbone from ImageNet weights (segment.pretrained), an ACR classifier (`init`) or random."""
-    return build_deeplab(cfg.segment, num_classes(cfg) + 1, load_state(init) if init else None, init or "")
+    """DeepLab with its backbone from ImageNet weights (segment.pretrained), an ACR checkpoint's CNN (`init`: the
+    classifier's backbone, or a ViT classifier's reconstructor encoder) or random."""
+    if not init:
+        return build_deeplab(cfg.segment, num_classes(cfg) + 1)
+    src = checkpoint_backbone(load_state(init), init)
+    return build_deeplab(cfg.segment, num_classes(cfg) + 1, src.state if src.state is not None
+                         else src.build().state_dict(), src.description)
 
 
 def segment_worker(config: dict) -> None:
