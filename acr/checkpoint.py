@@ -14,7 +14,7 @@ from acr.config import Config, config_from_dict
 from acr.errors import CheckpointError, ConfigError
 from acr.storage import RunFolder, is_uri, write_atomically
 from acr.models.backbones import build_backbone
-from acr.models.factory import build_classifier, build_reconstructor, is_vit
+from acr.models.factory import build_classifier, build_reconstructor, is_vit, vit_encoder
 from acr.models.weights import load_backbone_weights
 
 STATE_FILE = "state.pt"
@@ -143,7 +143,7 @@ def backbone_source(cfg: Config, which: str, has_reconstructor: bool) -> str:
         return which
     if not is_vit(cfg):
         return "classifier"
-    return "encoder" if has_reconstructor else "pretrained"
+    return "encoder" if has_reconstructor and not vit_encoder(cfg) else "pretrained"
 
 
 def checkpoint_backbone(state: dict, where: str, which: str = "auto") -> CnnBackbone:
@@ -161,6 +161,9 @@ def checkpoint_backbone(state: dict, where: str, which: str = "auto") -> CnnBack
         return CnnBackbone(name, stride, _prefixed(state["classifier"], "backbone."), None,
                            f"the classifier's {name} of {where}")
     if source == "encoder":
+        if vit_encoder(cfg):
+            raise ConfigError(f"{where}: the reconstructor's encoder is a ViT's blocks (model.vit.encoder=vit_blocks); "
+                              "IRN and DeepLab need a CNN: choose `pretrained` (model.vit.encoder_backbone)")
         if state.get("reconstructor") is None:
             raise CheckpointError(f"{where} holds no reconstructor (method.reconstructor=none), so no encoder: "
                                   "choose `pretrained` or `classifier`")

@@ -105,8 +105,11 @@ class ViTConfig:
     affinity_refine: bool = True
     # Stochastic depth rate (the last block's; linear from 0): main.py `--drop-path 0.1`.
     drop_path: float = 0.1
-    # The reconstructor's encoder G_E: a CNN (its `model.encoder_taps`), with its own weights (a file, `standin`
-    # or null).
+    # The reconstructor's encoder G_E: `cnn`, the CNN encoder_backbone with its own weights (a file, `standin` or
+    # null); `vit_blocks`, a DeiT of the classifier's size (one class token) whose blocks' patch tokens, reshaped to
+    # maps, are its taps (`model.encoder_taps`: block1..block12, final), from the classifier's model.pretrained file.
+    # The ACR paper does not say; its released encoder is a CNN.
+    encoder: Literal["cnn", "vit_blocks"] = "cnn"
     encoder_backbone: CNNBackboneName = "resnet38d"
     encoder_pretrained: str | None = None
 
@@ -691,7 +694,13 @@ def _vit_rules(cfg: Config) -> None:
     """model.vit, for a ViT classifier."""
     m, v = cfg.model, cfg.model.vit
     if not BACKBONES[m.backbone].transformer:
+        _need(v.encoder == "cnn", f"model.vit.encoder={v.encoder} takes the encoder's taps from a ViT: it needs a ViT "
+              f"model.backbone (deit_tiny, deit_small), got {m.backbone}")
         return
+    blocks = [f"block{i}" for i in range(1, 13)] + ["final"]
+    bad = [t for t in m.encoder_taps if t not in blocks]
+    _need(v.encoder == "cnn" or not bad, f"model.vit.encoder=vit_blocks: model.encoder_taps {bad} are not ViT taps "
+          "(block1..block12 or final; e.g. model.encoder_taps=[block4,block8,final])")
     _need(cfg.augment.crop_size % m.output_stride == 0, f"augment.crop_size={cfg.augment.crop_size} must be a "
           f"multiple of {m.backbone}'s patch size {m.output_stride}")
     _need(1 <= v.attention_layers <= 12, f"model.vit.attention_layers must be in 1..12 (the blocks of "
@@ -770,6 +779,9 @@ def _pseudo_rules(cfg: Config) -> None:
           "(the reconstructor's) or pretrained")
     _need(not (ps.irn_backbone == "encoder" and cfg.method.reconstructor == "none"), "pseudo.irn_backbone=encoder: "
           "the classifier was trained without a reconstructor (method.reconstructor=none): choose auto or pretrained")
+    _need(not (vit and ps.irn_backbone == "encoder" and cfg.model.vit.encoder != "cnn"), "pseudo.irn_backbone="
+          "encoder: the reconstructor's encoder is a ViT's blocks (model.vit.encoder=vit_blocks), not a CNN: choose "
+          "auto or pretrained")
     fg = ps.conf_fg_threshold
     _need(0 < ps.conf_bg_threshold < 1 and (fg is None or ps.conf_bg_threshold <= fg < 1),
           f"pseudo.conf_bg_threshold ({ps.conf_bg_threshold}) must be in (0, pseudo.conf_fg_threshold "

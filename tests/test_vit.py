@@ -11,7 +11,7 @@ from acr.method.acr import Batch, classification_loss, cu_phase, ru_phase, sampl
 from acr.models.factory import build_classifier, build_reconstructor
 from acr.models.mctformer import (MCTformerV2, class_attention_maps, class_token_scores, fuse_maps, head_mean,
                                   patch_affinity, refine_with_affinity)
-from acr.models.vit import VIT_SIZES, VisionTransformer
+from acr.models.vit import VIT_SIZES, VisionTransformer, ViTFeatureMaps
 from tests.conftest import TINY_OVERRIDES
 
 VIT_OVERRIDES = TINY_OVERRIDES + ["model.backbone=deit_tiny", "model.vit.encoder_backbone=resnet18",
@@ -33,6 +33,19 @@ def test_the_vit_gives_timms_tokens_with_timms_weights():
     assert torch.allclose(got["tokens"], want, atol=1e-10, rtol=0)
     assert len(got["attentions"]) == 12 and got["attentions"][0].shape == (2, 3, 197, 197)
     assert torch.allclose(got["attentions"][5].sum(-1), torch.ones(2, 3, 197, dtype=torch.float64))
+
+
+def test_the_vit_block_maps_are_timms_intermediates_with_timms_weights():
+    ref = _timm_deit()
+    ours = ViTFeatureMaps(VIT_SIZES["deit_tiny"], 224).double().eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k in ours.state_dict()})
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    got = ours(x)
+    want = ref.forward_intermediates(x, indices=[3, 7, 11], output_fmt="NCHW", intermediates_only=True)
+    for name, w in zip(("block4", "block8", "block12"), want):
+        assert got[name].shape == (1, 192, 14, 14) and torch.allclose(got[name], w, atol=1e-10, rtol=0), name
+    final = ref.forward_features(x)[:, 1:].transpose(1, 2).reshape(1, 192, 14, 14)
+    assert torch.allclose(got["final"], final, atol=1e-10, rtol=0)
 
 
 def test_head_mean_and_class_attention_maps_by_hand():
@@ -121,10 +134,12 @@ def test_bad_sizes_are_named():
         load_config(None, VIT_OVERRIDES + ["model.output_stride=8"])
 
 
-@pytest.fixture()
-def vit_setup():
+@pytest.fixture(params=["cnn", "vit_blocks"])
+def vit_setup(request):
     torch.manual_seed(0)
-    cfg = load_config(None, VIT_OVERRIDES + ["model.vit.drop_path=0"])
+    encoder = [f"model.vit.encoder={request.param}"] + (
+        ["model.encoder_taps=[block4,block8,final]"] if request.param == "vit_blocks" else [])
+    cfg = load_config(None, VIT_OVERRIDES + ["model.vit.drop_path=0"] + encoder)
     cls, rec = build_classifier(cfg), build_reconstructor(cfg)
     labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
     batch = Batch(torch.randn(2, 3, 64, 64), labels, sample_target(labels, torch.tensor([0.7, 0.1])),
@@ -134,11 +149,13 @@ def vit_setup():
 
 def test_vit_ru_phase_trains_only_the_reconstructor(vit_setup):
     cfg, cls, rec, batch = vit_setup
-    assert isinstance(cls, MCTformerV2) and type(rec.backbone).__name__ == "TorchvisionResNet"
+    assert isinstance(cls, MCTformerV2) and type(rec.backbone).__name__ == {
+        "cnn": "TorchvisionResNet", "vit_blocks": "ViTFeatureMaps"}[cfg.model.vit.encoder]
     loss, _ = ru_phase(cls, rec, batch, cfg.method, q=0.5)
     loss.backward()
     assert all(p.grad is None for p in cls.parameters())
     assert rec.decoder.downs[0][0].weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in rec.backbone.parameters())  # G_E trains too
 
 
 def test_vit_cu_phase_trains_only_the_classifier_and_reaches_it_through_the_map(vit_setup):
@@ -242,3 +259,25 @@ def test_irn_and_deeplab_take_a_cnn_of_the_checkpoint_named_by_the_choice(tmp_pa
     src = checkpoint_backbone(cnn_state, "ckpt")  # auto, a CNN classifier: its backbone
     assert src.name == "resnet18" and torch.equal(src.state["conv1.weight"], cnn_state["classifier"][
         "backbone.conv1.weight"])
+
+
+def test_a_vit_blocks_encoder_starts_from_the_deit_file_and_is_no_cnn_for_irn(tmp_path):
+    from acr.checkpoint import checkpoint_backbone
+    from acr.config import to_dict
+
+    deit = _timm_deit().float()
+    weights = tmp_path / "deit_tiny.pth"
+    torch.save(deit.state_dict(), weights)
+    cfg = load_config(None, VIT_OVERRIDES + ["model.vit.encoder=vit_blocks", "model.encoder_taps=[block4,final]",
+                                             "model.encoder_tap_channels=[8,16]", f"model.pretrained={weights}"])
+    rec = build_reconstructor(cfg)
+    assert rec.backbone.num_tokens == 1 and torch.equal(rec.backbone.blocks[3].attn.qkv.weight,
+                                                        deit.blocks[3].attn.qkv.weight)
+    _, x = rec.encode(torch.randn(1, 3, 64, 64))
+    assert x.shape == (1, 24, 4, 4)  # the two taps at the patch grid
+    state = {"config": to_dict(cfg), "classifier": {}, "reconstructor": rec.state_dict()}
+    with pytest.raises(ConfigError, match="ckpt: the reconstructor's encoder is a ViT's blocks"):
+        checkpoint_backbone(state, "ckpt", "encoder")
+    with pytest.raises(ConfigError, match="model.encoder_taps \\['stage4'\\] are not ViT taps"):
+        load_config(None, VIT_OVERRIDES + ["model.vit.encoder=vit_blocks", "model.encoder_taps=[stage4]",
+                                           "model.encoder_tap_channels=[8]"], job="train")

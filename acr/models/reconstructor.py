@@ -87,13 +87,15 @@ class UNetDecoder(nn.Module):
 
 
 class Reconstructor(FrozenBNModule):
-    def __init__(self, backbone: str, num_classes: int, output_stride: int = 8, taps=("stage4", "stage5", "final"),
+    def __init__(self, backbone: str | nn.Module, num_classes: int, output_stride: int = 8,
+                 taps=("stage4", "stage5", "final"),
                  tap_channels=(64, 128, 256), decoder_depth: int = 8, decoder_width: int = 64,
                  cls_head: bool = True, cam_head: str = "two_layer", cam_head_hidden: int = 256,
                  freeze_bn: bool = True, dropout: bool = True, pretrained: str | None = None):
         super().__init__()
         self.freeze_bn = freeze_bn
-        self.backbone = build_backbone(backbone, output_stride, dropout)
+        # a CNN of acr.registry.BACKBONES by name, or a built backbone of maps (acr.models.vit.ViTFeatureMaps)
+        self.backbone = backbone if isinstance(backbone, nn.Module) else build_backbone(backbone, output_stride, dropout)
         if pretrained:
             load_backbone_weights(self.backbone, pretrained, backbone)
         unknown = [t for t in taps if t not in self.backbone.out_channels]

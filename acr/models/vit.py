@@ -141,11 +141,39 @@ class VisionTransformer(nn.Module):
         return torch.cat([tokens, patches.flatten(2).transpose(1, 2)], dim=1)
 
     def forward(self, image: torch.Tensor) -> dict:
+        outputs, attentions, grid = self.run_blocks(image)
+        x = outputs[-1]
+        return {"tokens": self.norm(x), "last_block": x, "attentions": attentions, "grid": grid}
+
+    def run_blocks(self, image: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, int]]:
+        """Every block's output tokens and attention probabilities, and the patch grid."""
         grid = self.grid_of(image)
         x = self.patch_embed(image)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding(grid)
-        attentions = []
+        outputs, attentions = [], []
         for block in self.blocks:
             x, attn = block(x)
+            outputs.append(x)
             attentions.append(attn)
-        return {"tokens": self.norm(x), "last_block": x, "attentions": attentions, "grid": grid}
+        return outputs, attentions, grid
+
+
+class ViTFeatureMaps(VisionTransformer):
+    """A DeiT with one class token as a backbone of maps (the reconstructor's encoder G_E on ViT blocks,
+    `model.vit.encoder: vit_blocks`): the patch tokens after block i as a (B, D, H/16, W/16) map `block<i>` (1-based),
+    and `final`, the last block's after the final norm. Its parameters have timm's names (weights: load_vit_weights)."""
+
+    def __init__(self, size: ViTSize, image_size: int, drop_path_rate: float = 0.0):
+        super().__init__(size, image_size, 1, drop_path_rate)
+        self.out_channels = {**{f"block{i + 1}": size.embed_dim for i in range(size.depth)}, "final": size.embed_dim}
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs, _, grid = self.run_blocks(image)
+
+        def as_map(x: torch.Tensor) -> torch.Tensor:
+            patches = x[:, self.num_tokens:]
+            return patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)
+
+        maps = {f"block{i + 1}": as_map(x) for i, x in enumerate(outputs)}
+        maps["final"] = as_map(self.norm(outputs[-1]))
+        return maps

@@ -70,7 +70,8 @@ def recipe_config(cfg: Config, backbone: str | None = None, epochs: int | None =
 NOT_IN_KEY = (("train", "share_classifier_trunk"),)
 # Settings added after stand-ins were cached: in the key only where they differ from their default, so that adding
 # them did not invalidate the stand-ins already cached (a value that changes the weights still changes the key).
-ADDED_LATER = (("model", "vit"), ("optim", "classifier_optimizer"), ("optim", "adamw_weight_decay"))
+ADDED_LATER = (("model", "vit", "encoder"), ("model", "vit"), ("optim", "classifier_optimizer"),
+               ("optim", "adamw_weight_decay"), ("pseudo", "irn_backbone"))
 
 
 def standin_path(recipe: Config) -> Path:
@@ -81,9 +82,13 @@ def standin_path(recipe: Config) -> Path:
     for section, key in NOT_IN_KEY:
         shaping[section].pop(key)
     defaults = to_dict(Config())
-    for section, key in ADDED_LATER:
-        if shaping[section][key] == defaults[section][key]:
-            shaping[section].pop(key)
+    for path in ADDED_LATER:  # a key path: a nested key first, then its section
+        own, default = shaping, defaults
+        for k in path[:-1]:
+            own, default = own.get(k, {}), default[k]
+        if path[-1] in own and own[path[-1]] == default[path[-1]]:
+            own.pop(path[-1])
+            default.pop(path[-1])  # so that its section compares with the default as it stood
     key = hashlib.sha256(json.dumps({"generator": GENERATOR_VERSION, "recipe": shaping}, sort_keys=True,
                                     default=str).encode()).hexdigest()[:12]
     return default_cache_dir(recipe.data.cache_dir) / "backbones" / f"{recipe.model.backbone}-standin-{key}.pth"
@@ -116,7 +121,8 @@ def resolve_standin(cfg: Config, train: Callable, model: bool = True, segment: b
     changes = {}
     if model and cfg.model.pretrained == STANDIN:
         changes["model.pretrained"] = str(standin_weights(cfg, train))
-    if model and BACKBONES[cfg.model.backbone].transformer and cfg.model.vit.encoder_pretrained == STANDIN:
+    if model and BACKBONES[cfg.model.backbone].transformer and cfg.model.vit.encoder == "cnn" \
+            and cfg.model.vit.encoder_pretrained == STANDIN:
         changes["model.vit.encoder_pretrained"] = str(standin_weights(cfg, train, backbone=cfg.model.vit.encoder_backbone))
     if segment and cfg.segment.pretrained == STANDIN:
         changes["segment.pretrained"] = str(standin_weights(cfg, train, backbone=cfg.segment.backbone))

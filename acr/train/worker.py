@@ -28,7 +28,7 @@ from acr.method.optim import build_classifier_optimizer, build_reconstructor_opt
 from acr.method.schedules import srf_probability
 from acr.method.step import StepCounters, bf16_is_fast, memory_layout, train_step, uses_bf16
 from acr.models.backbones import calibrate_batchnorm
-from acr.models.factory import build_classifier, build_reconstructor, is_vit
+from acr.models.factory import build_classifier, build_reconstructor, encoder_weights
 from acr.runtime.collectives import all_gather, peak_rss_mb, reduce_mean, replica_divergence
 from acr.runtime.logs import setup_logging
 from acr.runtime.session import RaySession, Session, set_worker_threads
@@ -120,9 +120,8 @@ def calibrate(run: Run, rows: TrainRows, device: torch.device) -> None:
     """Random init: the frozen BatchNorm statistics estimated from the same training images on every worker (for each
     network whose backbone starts without weights; a ViT classifier has no BatchNorm, its CNN encoder has)."""
     cfg = run.cfg
-    encoder_weights = cfg.model.vit.encoder_pretrained if is_vit(cfg) else cfg.model.pretrained
     nets = [net for net, weights in ((None if cfg.method.init_classifier else run.classifier, cfg.model.pretrained),
-                                     (run.reconstructor, encoder_weights)) if net is not None and weights is None]
+                                     (run.reconstructor, encoder_weights(cfg))) if net is not None and weights is None]
     if not nets or not cfg.model.freeze_bn or not cfg.model.bn_calibration_images:
         return
     first = run.plan.indices[: cfg.model.bn_calibration_images]
