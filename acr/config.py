@@ -209,8 +209,15 @@ class OptimConfig:
     # `uniform`: every parameter at lr (the paper states no multipliers).
     lr_multipliers: Literal["layer_type", "uniform"] = "layer_type"
     poly_power: float = 0.9
-    # Length of the poly schedule in epochs (null = train.epochs). The released code: 40, while it trains 100.
+    # Length of the schedule in epochs (null = train.epochs). The released code: 40, while it trains 100.
     schedule_epochs: int | None = None
+    # The learning-rate schedule of both ACR networks: `poly` (the released code's, poly_power) or `cosine_warmup`
+    # (MCTformer's, main.py: timm's cosine scheduler, `--warmup-epochs 5` linear from `--warmup-lr 1e-6`, floor
+    # `--min-lr 1e-5`; here per step and as fractions of optim.lr, applied to the reconstructor's lr too).
+    lr_schedule: Literal["poly", "cosine_warmup"] = "poly"
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
     # The reconstructor's optimiser. `sgd`: as the classifier's (the released code, both PolyOptimizer SGD).
     # `adam`: Adam(betas=adam_betas) at reconstructor_lr with the same poly decay and no per-layer multipliers
     # (pix2pix trains this U-Net with Adam 2e-4, betas (0.5, 0.999)); an SGD-trained U-Net from scratch needs far
@@ -218,8 +225,8 @@ class OptimConfig:
     reconstructor_optimizer: Literal["sgd", "adam"] = "sgd"
     # The classifier's optimiser. `sgd`: the released code's (above). `adamw`: AdamW at `lr` with
     # `adamw_weight_decay`, none on biases, norms, tokens and position embedding: the ViT's (MCTformer main.py:
-    # timm's create_optimizer, adamw, weight decay 0.05, lr 5e-4 x batch / 512, which it decays by a cosine with 5
-    # warm-up epochs; here the one poly schedule).
+    # timm's create_optimizer, adamw, weight decay 0.05, lr 5e-4 x batch / 512, decayed by a cosine with 5
+    # warm-up epochs: lr_schedule cosine_warmup).
     classifier_optimizer: Literal["sgd", "adamw"] = "sgd"
     adamw_weight_decay: float = 0.05
     reconstructor_lr: float | None = None  # null: `lr`
@@ -752,6 +759,11 @@ def _train_rules(cfg: Config) -> None:
           f"optim.reconstructor_lr must be > 0 (or null), got {o.reconstructor_lr}")
     _need(len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas),
           f"optim.adam_betas must be two values in [0, 1), got {o.adam_betas}")
+    length = o.schedule_epochs or tr.epochs
+    _need(o.lr_schedule == "poly" or (0 <= o.warmup_epochs < length and 0 <= o.warmup_lr <= o.lr
+                                      and 0 <= o.min_lr <= o.lr),
+          f"optim.lr_schedule=cosine_warmup needs 0 <= optim.warmup_epochs ({o.warmup_epochs}) < the schedule's "
+          f"{length} epochs and optim.warmup_lr ({o.warmup_lr}), optim.min_lr ({o.min_lr}) in [0, optim.lr={o.lr}]")
 
 
 def _eval_rules(cfg: Config) -> None:

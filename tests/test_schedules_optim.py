@@ -4,13 +4,30 @@ from torch import nn
 
 from acr.config import OptimConfig, SRFConfig
 from acr.method.optim import build_optimizer, parameter_groups, set_poly_lr
-from acr.method.schedules import poly_factor, srf_probability
+from acr.method.schedules import cosine_warmup_factor, lr_factor, poly_factor, srf_probability
 
 
 def test_poly_factor_and_frozen_tail():
     assert poly_factor(0, 100, 0.9) == 1.0
     assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
     assert poly_factor(1000, 100, 0.9) == poly_factor(99, 100, 0.9) == pytest.approx(0.01**0.9)
+
+
+def test_cosine_warmup_by_hand_and_as_timms_scheduler_runs_it_for_mctformer():
+    # warm-up 0.1 -> 1 over 2 steps, then 0.2 + 0.8 (1 + cos(pi t / 8)) / 2; the last value kept after the end
+    assert cosine_warmup_factor(0, 8, 2, 0.1, 0.2) == pytest.approx(0.1)
+    assert cosine_warmup_factor(1, 8, 2, 0.1, 0.2) == pytest.approx(0.55)
+    assert cosine_warmup_factor(4, 8, 2, 0.1, 0.2) == pytest.approx(0.6)  # cos(pi / 2) = 0
+    assert cosine_warmup_factor(100, 8, 2, 0.1, 0.2) == cosine_warmup_factor(7, 8, 2, 0.1, 0.2)
+    from timm.scheduler import CosineLRScheduler
+
+    from acr.config import load_config
+    cfg = load_config(None, ["optim.lr_schedule=cosine_warmup", "optim.lr=5e-4", "train.epochs=60"])
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=5e-4)
+    timm = CosineLRScheduler(opt, t_initial=60, lr_min=1e-5, warmup_t=5, warmup_lr_init=1e-6)  # MCTformer main.py
+    for epoch in range(60):  # one step per epoch: our per-step schedule is timm's per-epoch one
+        assert 5e-4 * lr_factor(cfg, epoch, 60) == pytest.approx(timm._get_lr(epoch)[0], rel=1e-12), epoch
+    assert lr_factor(load_config(None, []), 30, 60) == poly_factor(30, 60, 0.9)  # the released code's: unchanged
 
 
 def test_srf_probability_released_schedule_and_fixed():

@@ -83,12 +83,16 @@ def build_reconstructor_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.o
     return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.adam_betas))
 
 
-def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_step: int, power: float) -> float:
-    """Set every group's lr to base * multiplier * poly factor; returns the factor."""
-    f = poly_factor(step, max_step, power)
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
+    """Set every group's lr to base * multiplier * factor (the schedule's, acr.method.schedules); returns it."""
     for g in optimizer.param_groups:
-        g["lr"] = base_lr * g["lr_mult"] * f
-    return f
+        g["lr"] = base_lr * g["lr_mult"] * factor
+    return factor
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_step: int, power: float) -> float:
+    """:func:`set_lr` with the poly factor (IRN's and DeepLab's loops); returns the factor."""
+    return set_lr(optimizer, base_lr, poly_factor(step, max_step, power))
 
 
 def guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, reduce_mean, counters, limit: int,

@@ -13,7 +13,8 @@ from torch import nn
 
 from acr.config import Config
 from acr.method.acr import Batch, classifier_trunk, cu_phase, ru_phase, sample_target
-from acr.method.optim import guarded_step, reconstructor_base_lr, set_poly_lr
+from acr.method.optim import guarded_step, reconstructor_base_lr, set_lr
+from acr.method.schedules import lr_factor
 
 
 @dataclass
@@ -68,7 +69,7 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
     limit = cfg.train.max_consecutive_nonfinite
     trunk = None
     if cfg.method.reconstructor == "adversarial":
-        set_poly_lr(opt_rec, reconstructor_base_lr(cfg.optim), counters.rec_steps, max_step, cfg.optim.poly_power)
+        set_lr(opt_rec, reconstructor_base_lr(cfg.optim), lr_factor(cfg, counters.rec_steps, max_step))
         opt_rec.zero_grad(set_to_none=True)
         with autocast_context(device, cfg.train.precision):
             if shares_trunk(cfg):
@@ -82,7 +83,7 @@ def train_step(classifier: nn.Module, reconstructor: nn.Module | None, opt_cls: 
         for k, v in stats.items():
             out.setdefault(k, float(v))
         return out
-    set_poly_lr(opt_cls, cfg.optim.lr, counters.cls_steps, max_step, cfg.optim.poly_power)
+    set_lr(opt_cls, cfg.optim.lr, lr_factor(cfg, counters.cls_steps, max_step))
     opt_cls.zero_grad(set_to_none=True)
     # During the adversarial warm-up the classifier is trained with L_cls alone (its reconstructor keeps learning).
     adversary = reconstructor if counters.cls_steps >= cfg.method.adversarial_warmup_steps else None

@@ -71,7 +71,8 @@ NOT_IN_KEY = (("train", "share_classifier_trunk"),)
 # Settings added after stand-ins were cached: in the key only where they differ from their default, so that adding
 # them did not invalidate the stand-ins already cached (a value that changes the weights still changes the key).
 ADDED_LATER = (("model", "vit", "encoder"), ("model", "vit"), ("optim", "classifier_optimizer"),
-               ("optim", "adamw_weight_decay"), ("pseudo", "irn_backbone"))
+               ("optim", "adamw_weight_decay"), ("pseudo", "irn_backbone"), ("optim", "lr_schedule"),
+               ("optim", "warmup_epochs"), ("optim", "warmup_lr"), ("optim", "min_lr"))
 
 
 def standin_path(recipe: Config) -> Path:
