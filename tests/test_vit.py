@@ -23,10 +23,16 @@ def _timm_deit(name="deit_tiny_patch16_224"):
     return timm.create_model(name, pretrained=False, num_classes=0).double().eval()
 
 
-def test_the_vit_gives_timms_tokens_with_timms_weights():
+def _timm_deit_and(cls):
+    """timm's DeiT-Ti (fp64, eval) and our `cls` of the same size with its weights."""
     ref = _timm_deit()
-    ours = VisionTransformer(VIT_SIZES["deit_tiny"], 224).double().eval()
+    ours = cls(VIT_SIZES["deit_tiny"], 224).double().eval()
     ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k in ours.state_dict()})
+    return ref, ours
+
+
+def test_the_vit_gives_timms_tokens_with_timms_weights():
+    ref, ours = _timm_deit_and(VisionTransformer)
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
     got = ours(x)
     want = ref.forward_features(x)
@@ -36,9 +42,7 @@ def test_the_vit_gives_timms_tokens_with_timms_weights():
 
 
 def test_the_vit_block_maps_are_timms_intermediates_with_timms_weights():
-    ref = _timm_deit()
-    ours = ViTFeatureMaps(VIT_SIZES["deit_tiny"], 224).double().eval()
-    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k in ours.state_dict()})
+    ref, ours = _timm_deit_and(ViTFeatureMaps)
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
     got = ours(x)
     want = ref.forward_intermediates(x, indices=[3, 7, 11], output_fmt="NCHW", intermediates_only=True)
