@@ -1,15 +1,18 @@
 """ACR on a ViT (MCTformer-v2, DeiT-Ti/16) against MCTformer-v2 alone on the embedded default, and the ViT step's
 speed beside the ResNet steps'.
 
-    python benchmarks/vit.py                        # 3 seeds x 2 rows (configs/demo_vit.yaml), then the step table
+    python benchmarks/vit.py                        # 3 seeds x 3 rows (configs/demo_vit.yaml), then the step table
     python benchmarks/vit.py --seeds 0 --epochs 1   # a smoke run
 
-Rows: `mctformer` (method.reconstructor=none: MCTformer-v2 trained alone, both its losses) and `acr_vit` (ACR's RU and
-CU phases on it), the same budget, data, stand-in weights and seeds. Each run's classifier is scored on the embedded
-val split at two levels, as the paper's Table 3 reports a ViT's CAMs: `CAM` (MCTformer-v2's fused map, class-to-patch
-attention x ReLU(PatchCAM)) and `refined` (that map refined by the patch-to-patch attention, MCTformer's
-`--patch-attn-refine`, what inference uses by default). The step table times train_step (RU + CU) on one fixed batch
-for each classifier backbone with the demo's reconstructor and counts its FLOPs (`torch.utils.flop_counter`).
+Rows: `mctformer` (method.reconstructor=none: MCTformer-v2 trained alone, both its losses), `acr_vit` (ACR's RU and
+CU phases on it, decomposing PatchCAM, the default model.vit.train_cam) and `acr_vit_class_attention` (ACR decomposing
+the class-to-patch attention map instead), the same budget, data, stand-in weights and seeds. Each run's classifier is
+scored on the embedded val split at two levels, as the paper's Table 3 reports a ViT's CAMs: `CAM` (MCTformer-v2's
+fused map, class-to-patch attention x ReLU(PatchCAM)) and `refined` (that map refined by the patch-to-patch attention,
+MCTformer's `--patch-attn-refine`, what inference uses by default); a second table scores the fused map's two factors
+apart (model.vit.cam=class_attention, patchcam), to show which of them localises. The step table times train_step
+(RU + CU) on one fixed batch for each classifier backbone with the demo's reconstructor and counts its FLOPs
+(`torch.utils.flop_counter`).
 Results: benchmarks/results/vit.json and the "vit" section of BENCHMARKS.md.
 """
 
@@ -37,18 +40,27 @@ from acr.train.evaluate import evaluate_split  # noqa: E402
 from benchmarks.throughput import _models, _tiny_batch, acr_flops_per_image, commit, machine  # noqa: E402
 from benchmarks.throughput import write_benchmarks_md  # noqa: E402
 
-ROWS = {"mctformer": ["method.reconstructor=none"], "acr_vit": []}
-PAPER = {"mctformer": (61.7, 69.1), "acr_vit": (65.5, 70.9)}  # ACR Table 3, VOC train: CAM, mask (ViT rows)
+ROWS = {"mctformer": ["method.reconstructor=none"], "acr_vit": [],
+        "acr_vit_class_attention": ["model.vit.train_cam=class_attention"]}
+# ACR Table 3, VOC train: CAM, mask (ViT rows); the paper does not say which map ACR decomposed
+PAPER = {"mctformer": (61.7, 69.1), "acr_vit": (65.5, 70.9), "acr_vit_class_attention": (65.5, 70.9)}
 SCORES = ("cam_miou", "precision", "recall", "threshold")
+# level -> (model.vit.cam, model.vit.affinity_refine): the paper's two levels, then the fused map's factors apart
+LEVELS = {"cam": ("fused", False), "refined": ("fused", True), "class_attention": ("class_attention", False),
+          "class_attention_refined": ("class_attention", True), "patchcam": ("patchcam", False)}
 
 
-def score(cfg, checkpoint: Path, refine: bool) -> dict:
-    """The checkpoint's classifier on eval.split with the affinity refinement on or off (one process)."""
+def score(cfg, checkpoint: Path) -> dict:
+    """The checkpoint's classifier on eval.split at every level of LEVELS (one process)."""
     uri, manifest = ensure_shards(cfg, [cfg.eval.split], progress=False)
     model, _ = load_classifier(checkpoint)
-    model.affinity_refine = refine
-    result, _ = evaluate_split(model, cfg, EvalRows(uri, manifest, cfg.eval.split), uri, 0, 1, torch.device("cpu"))
-    return {k: result[k] for k in SCORES}
+    out = {}
+    for level, (cam, refine) in LEVELS.items():
+        model.cam, model.affinity_refine = cam, refine
+        result, _ = evaluate_split(model, cfg, EvalRows(uri, manifest, cfg.eval.split), uri, 0, 1,
+                                   torch.device("cpu"))
+        out[level] = {k: result[k] for k in SCORES}
+    return out
 
 
 def run_row(name: str, seed: int, epochs: int, work: Path, extra: list[str]) -> dict:
@@ -59,9 +71,9 @@ def run_row(name: str, seed: int, epochs: int, work: Path, extra: list[str]) -> 
     seconds = time.perf_counter() - t
     ckpt = session.last_checkpoint
     out = {"seconds": seconds, "images_per_second": session.reports[-1].get("images_per_second"),
-           "cam": score(cfg, ckpt, refine=False), "refined": score(cfg, ckpt, refine=True)}
-    print(f"  {name} seed {seed}: CAM {out['cam']['cam_miou']:.4f}, refined {out['refined']['cam_miou']:.4f} "
-          f"({seconds:.0f} s)", flush=True)
+           "loss_cls": session.reports[-1].get("cu/loss_cls"), **score(cfg, ckpt)}
+    print(f"  {name} seed {seed}: " + ", ".join(f"{level} {out[level]['cam_miou']:.4f}" for level in LEVELS)
+          + f" ({seconds:.0f} s)", flush=True)
     return out
 
 
@@ -111,6 +123,15 @@ def markdown(result: dict) -> str:
             cells += [mean_std([v["cam_miou"] for v in vals]),
                       f"{np.mean([v['precision'] for v in vals]):.3f} / {np.mean([v['recall'] for v in vals]):.3f}"]
         lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {PAPER[name][0]} / {PAPER[name][1]} |")
+    lines += ["", "The fused map's factors scored apart (mIoU %, mean ± std; best background threshold, mean) and the "
+              "last epoch's L_cls (the sum of MCTformer's two BCEs):", "",
+              "| row | class-to-patch attention | refined | PatchCAM | fused | L_cls |", "|---|---|---|---|---|---|"]
+    for name, runs in result["runs"].items():
+        cells = [f"{mean_std([r[lv]['cam_miou'] for r in runs])} (t {np.mean([r[lv]['threshold'] for r in runs]):.2f})"
+                 for lv in ("class_attention", "class_attention_refined", "patchcam", "cam")]
+        losses = [r["loss_cls"] for r in runs if r.get("loss_cls") is not None]
+        loss = f"{np.mean(losses):.3f}" if losses else "-"
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {loss} |")
     lines += ["", f"One ACR iteration (RU + CU), batch 8, 128x128, fp32, {torch.get_num_threads()} threads, the demo's "
               "reconstructor (its encoder: the classifier's backbone for the ResNets, ResNet-18 for the ViTs), median of the "
               "timed steps:", "",

@@ -234,6 +234,18 @@ def test_the_vit_demo_shares_the_resnet_demos_encoder_standin():
     assert own.optim.classifier_optimizer == "adamw" and own.method.reconstructor == "none"
 
 
+def test_the_vit_map_choices_share_one_standin_and_what_shapes_its_weights_does_not():
+    from acr.train.standin import standin_path, recipe_config
+
+    def path(*overrides):
+        return standin_path(recipe_config(load_config("configs/demo_vit.yaml", list(overrides))))
+
+    # no map enters the classification-only pre-training: the benchmark's rows that differ only in them share one file
+    assert path("model.vit.train_cam=class_attention", "model.vit.cam=patchcam", "model.vit.attention_layers=2",
+                "model.vit.affinity_refine=false") == path()
+    assert path("model.vit.drop_path=0.0") != path() and path("model.backbone=deit_small") != path()
+
+
 def test_irn_and_deeplab_take_a_cnn_of_the_checkpoint_named_by_the_choice(tmp_path):
     from acr.checkpoint import checkpoint_backbone
     from acr.config import apply_overrides, to_dict
@@ -285,3 +297,33 @@ def test_a_vit_blocks_encoder_starts_from_the_deit_file_and_is_no_cnn_for_irn(tm
     with pytest.raises(ConfigError, match="model.encoder_taps \\['stage4'\\] are not ViT taps"):
         load_config(None, VIT_OVERRIDES + ["model.vit.encoder=vit_blocks", "model.encoder_taps=[stage4]",
                                            "model.encoder_tap_channels=[8]"], job="train")
+
+
+@pytest.mark.slow
+def test_tune_searches_acr_on_the_vit(cache_dir, tmp_path):
+    """ray_jobs/tune.py with the ViT preset: two trials of ACR on MCTformer-v2, and best.yaml keeps the ViT."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from acr.checkpoint import load_state
+    from tests.conftest import REPO
+
+    out, space = tmp_path / "tune", tmp_path / "space.yaml"
+    space.write_text("method.srf.grid_size: {categorical: [4, 8]}\nmethod.cu_target_weight: {uniform: [0.2, 1.2]}\n")
+    args = [sys.executable, "ray_jobs/tune.py", "--config", "configs/demo_vit.yaml", "--output-dir", str(out),
+            "--space", str(space), *VIT_OVERRIDES, f"data.cache_dir={cache_dir}", "model.vit.encoder_pretrained=null",
+            "train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=4", "train.log_every_steps=0",
+            "tune.num_samples=2", "tune.select_max_images=4", "eval.max_images=4", "scaling.cpus_per_worker=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_trials"] == 2 and summary["n_errored"] == 0 and 0.0 <= summary["best_cam_miou"] <= 1.0
+    best = load_config(out / "best.yaml")
+    assert best.model.backbone == "deit_tiny"
+    assert best.method.srf.grid_size == summary["best_config"]["method.srf.grid_size"]
+    state = load_state(summary["best_checkpoint"])
+    assert state["classifier"]["backbone.cls_token"].shape == (1, 3, 192)  # MCTformer-v2: a class token per class
+    assert "backbone.conv1.weight" in state["reconstructor"]  # ACR's reconstructor, on its ResNet-18 encoder

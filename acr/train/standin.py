@@ -43,6 +43,10 @@ RECIPE = {"method.reconstructor": "none", "synthetic.seed": 101, "synthetic.trai
 # A ViT (MCTformer-v2 trained as a classifier, acr.models.mctformer) with its optimiser, AdamW (MCTformer main.py:
 # lr 5e-4 for batch 512; here batch 8 from scratch, where 5e-4 trains and the scaled 8e-6 does not move).
 VIT_RECIPE = {"optim.classifier_optimizer": "adamw", "optim.lr": 5e-4, "model.vit.encoder_pretrained": None}
+# The ViT's map choices (the map ACR decomposes, the map of inference and its refinement): the pre-training is
+# classification only, no map enters its loss, so they cannot change the weights; taken at their defaults, so that
+# runs differing only in them share one stand-in.
+VIT_MAP_ONLY = ("train_cam", "cam", "attention_layers", "affinity_refine")
 
 
 def recipe_config(cfg: Config, backbone: str | None = None, epochs: int | None = None) -> Config:
@@ -56,8 +60,11 @@ def recipe_config(cfg: Config, backbone: str | None = None, epochs: int | None =
     tree["data"]["cache_dir"] = user["data"]["cache_dir"]
     for key in ("batch_size", "max_steps_per_epoch", "threads_per_worker", "channels_last"):
         tree["train"][key] = user["train"][key]
+    default_vit = to_dict(Config())["model"]["vit"]
     if not BACKBONES[backbone or cfg.model.backbone].transformer:  # a CNN's recipe: the ViT's settings do not enter it
-        tree["model"]["vit"] = to_dict(Config())["model"]["vit"]
+        tree["model"]["vit"] = default_vit
+    else:
+        tree["model"]["vit"].update({k: default_vit[k] for k in VIT_MAP_ONLY})
     extra = {"model.backbone": backbone} if backbone else {}
     if epochs is not None:
         extra["train.epochs"] = epochs
