@@ -10,6 +10,9 @@ from pathlib import Path
 from acr.config import Config, ConfigError, load_config
 from acr.storage import is_uri
 
+# Where `ray job submit --working-dir` unpacks the code that its driver runs in (a folder of Ray's session).
+RAY_WORKING_DIR = "runtime_resources/working_dir_files"
+
 
 def parse_job_args(description: str, default_config: Path | None, argv=None, job: str = "train", add_args=None,
                    uri_output: bool = False, default_output: bool = True
@@ -37,8 +40,12 @@ def output_dir(given: str | None, job: str, uri_output: bool, default_output: bo
     if given is not None and is_uri(given):
         if not uri_output:
             raise ConfigError(f"--output-dir {given}: the {job} job writes a local (or mounted shared) folder; "
-                              "train.py, pseudo_labels.py and segment.py write to a URI")
+                              "train.py, tune.py, pseudo_labels.py, segment.py and pipeline.py write to a URI")
         return given
-    if given is not None:
-        return Path(given)
-    return Path("outputs") / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}" if default_output else None
+    out = Path(given) if given is not None else (
+        Path("outputs") / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}" if default_output else None)
+    if out is not None and not out.expanduser().is_absolute() and RAY_WORKING_DIR in Path.cwd().as_posix():
+        raise ConfigError(f"--output-dir {given or '(default)'}: a relative folder, and this job runs in Ray's "
+                          f"temporary copy of the code ({Path.cwd()}, from `ray job submit --working-dir`), which "
+                          "Ray deletes: give a URI (s3://bucket/runs/name) or an absolute folder")
+    return out

@@ -326,6 +326,10 @@ class RayConfig:
     # Logical CPUs of a locally started Ray (null = detected).
     num_cpus: int | None = None
     include_dashboard: bool = False  # a Tune search starts it regardless (Train needs its state API there)
+    # Local folders that every node of the cluster mounts at the same path (EFS, NFS). On a cluster of several nodes
+    # any other local path is on the driver's machine only: output folders there are refused, and the weights and
+    # shards the workers read are copied into the run's storage.
+    shared_dirs: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -14,7 +14,6 @@ run again in its folder and continues from its own files (checkpoints, per-image
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,8 +23,10 @@ from acr.config import Config, ConfigError, apply_overrides, dump_yaml, num_clas
 from acr.data.sources import ensure_shards
 from acr.pseudo.job import job_config, run_pseudo_labels
 from acr.runtime.cluster import init_ray, job_cpus
+from acr.runtime.reach import driver_disk_is_shared, stage_inputs
 from acr.segment.job import resolve_labels, run_segment
 from acr.segment.train import GT
+from acr.storage import RunFolder
 from acr.train.driver import run_training
 from acr.tuning import run_tune
 from acr.viz import save_report_plot
@@ -42,26 +43,25 @@ PAPER = {"seed_miou": 60.3, "crf_miou": 65.9, "mask_miou": 72.3, "voc_val": 71.9
          "full_supervision_val": 76.65, "full_supervision_val_crf": 77.93}
 
 
-def finished(folder: Path) -> dict | None:
+def finished(folder: str | Path | RunFolder) -> dict | None:
     """The summary of a finished stage (its summary.json, complete), else None."""
-    f = Path(folder) / "summary.json"
-    try:
-        return json.loads(f.read_text()) if f.is_file() else None
-    except ValueError:  # cut short while written: the stage is not finished
-        return None
+    return RunFolder.of(folder).read_json("summary.json")  # None where cut short while written: not finished
 
 
 class Stages:
     """Runs the stages in order, records what each did (ran / kept / given) and how long it took."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: RunFolder):
         self.out = out
         self.record: dict[str, dict] = {}
-        times = out / TIMES_FILE
-        self.seconds = json.loads(times.read_text()) if times.is_file() else {}
+        self.seconds = out.read_json(TIMES_FILE) or {}
+
+    def folder(self, name: str) -> str:
+        """A stage's folder, as a location to open (a local path or a URI)."""
+        return self.out.sub(FOLDERS[name]).location if self.out.uri_prefix else f"{self.out.path}/{FOLDERS[name]}"
 
     def run(self, name: str, title: str, fn) -> dict:
-        folder = self.out / FOLDERS[name]
+        folder = self.folder(name)
         summary = finished(folder)
         if summary is not None:
             log.info("[%s] %s: finished in an earlier run, kept (%s)", name, title, folder)
@@ -71,7 +71,7 @@ class Stages:
         t0 = time.perf_counter()
         summary = fn(folder)
         self.seconds[name] = round(time.perf_counter() - t0, 1)
-        (self.out / TIMES_FILE).write_text(json.dumps(self.seconds))
+        self.out.write_json(TIMES_FILE, self.seconds)
         self.record[name] = {"status": "ran", "folder": str(folder), "seconds": self.seconds[name]}
         return summary
 
@@ -101,7 +101,7 @@ def _cams(cfg: Config, stages: Stages, space: Path) -> tuple[str | None, dict]:
     else:
         summary = stages.run("cams", "CAMs: one training run", lambda d: run_training(cfg, d))
         score = {"cam_miou": summary.get("cam_miou"), "cam_split": summary.get("split")}
-    ckpt = resolve_checkpoint(stages.out / FOLDERS["cams"])
+    ckpt = resolve_checkpoint(stages.folder("cams"))
     stages.record["cams"].update({"checkpoint": ckpt, **score})
     return ckpt, score
 
@@ -111,7 +111,7 @@ def _pseudo_labels(cfg: Config, stages: Stages, ckpt: str | None) -> tuple[str, 
     pl = cfg.pipeline
     if pl.labels:
         labels = resolve_labels(pl.labels)
-        summary = finished(Path(pl.labels).expanduser()) or {}
+        summary = finished(pl.labels) or {}
         stages.record["pseudo_labels"] = {"status": "given", "labels": labels}
         return labels, summary
     overrides = {f"pseudo.{k}": v for k, v in to_dict(cfg.pseudo).items() if k != "checkpoint"}
@@ -122,7 +122,7 @@ def _pseudo_labels(cfg: Config, stages: Stages, ckpt: str | None) -> tuple[str, 
     stages.record["pseudo_labels"].update({k: summary.get(k) for k in (
         "split", "num_images", "seed_threshold", "seed_miou", "crf_miou", "mask_miou", "mask_precision",
         "mask_recall")})
-    return resolve_labels(str(stages.out / FOLDERS["pseudo_labels"])), summary
+    return resolve_labels(stages.folder("pseudo_labels")), summary
 
 
 def _segment_config(cfg: Config, labels: str, pseudo_summary: dict, ckpt: str | None) -> Config:
@@ -148,6 +148,17 @@ def _gt_masks_missing(cfg: Config) -> str | None:
     return None
 
 
+def _stage_inputs(cfg: Config, out: RunFolder, searching: bool) -> Config:
+    """On a cluster of several nodes: the shards of every stage's splits and the weights copied once into the
+    pipeline's storage (acr.runtime.reach), so that no stage copies its own."""
+    if driver_disk_is_shared():
+        return cfg
+    splits = [cfg.data.train_split] + ([cfg.tune.select_split] if searching else []) \
+        + ([cfg.eval.split] if cfg.eval.enabled else []) + [cfg.pseudo.split, cfg.segment.split, cfg.segment.val_split]
+    uri, _ = ensure_shards(apply_overrides(cfg, {"eval.enabled": False}), list(dict.fromkeys(splits)))
+    return stage_inputs(cfg, out, uri)
+
+
 SEG_KEYS = ("val_miou", "val_miou_ms", "val_miou_crf", "val_images_scored", "train_images", "backbone", "head",
             "backbone_init", "epochs")
 
@@ -155,18 +166,19 @@ SEG_KEYS = ("val_miou", "val_miou_ms", "val_miou_crf", "val_images_scored", "tra
 def run_pipeline(cfg: Config, out: str | Path, space: str | Path | None = None) -> dict:
     """Run (or continue) every stage in `out`; returns the report (also out/report.json, report.md, report.png)."""
     validate(cfg, "pipeline")
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunFolder(out)
+    out.makedirs()
     pl = cfg.pipeline
     space = Path(space or pl.space or DEFAULT_SPACE)
     if pl.search and not pl.checkpoint and needs_classifier(cfg) and not space.is_file():
         raise ConfigError(f"pipeline.space={space}: search space file not found")
-    (out / "config.yaml").write_text(dump_yaml(cfg))
+    out.write_text("config.yaml", dump_yaml(cfg))
     if not cfg.ray.num_cpus and not cfg.ray.address:
         cfg = apply_overrides(cfg, {"ray.num_cpus": job_cpus(cfg, "pipeline", cfg.tune.max_concurrent or 1)})
     searching = (pl.search and not pl.checkpoint and needs_classifier(cfg)
-                 and finished(out / FOLDERS["cams"]) is None)
+                 and finished(out.sub(FOLDERS["cams"])) is None)
     init_ray(cfg, "pipeline", trials=(cfg.tune.max_concurrent or 1) if searching else 0)  # one Ray for every stage
+    cfg = _stage_inputs(cfg, out, searching)
     stages = Stages(out)
     ckpt, _ = _cams(cfg, stages, space)
     labels, pseudo_summary = _pseudo_labels(cfg, stages, ckpt)
@@ -176,7 +188,7 @@ def run_pipeline(cfg: Config, out: str | Path, space: str | Path | None = None) 
     gt = None
     if pl.upper_bound:
         gt_cfg = apply_overrides(seg_cfg, {"segment.labels": GT})
-        reason = None if finished(out / FOLDERS["deeplab_gt"]) else _gt_masks_missing(gt_cfg)
+        reason = None if finished(stages.folder("deeplab_gt")) else _gt_masks_missing(gt_cfg)
         if reason:
             stages.record["deeplab_gt"] = {"status": "skipped", "reason": reason}
         else:
@@ -248,12 +260,12 @@ def report_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, report: dict) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(report_markdown(report))
+def write_report(out: RunFolder, report: dict) -> None:
+    out.write_json("report.json", report)
+    out.write_text("report.md", report_markdown(report))
     ps, p = report["stages"].get("pseudo_labels", {}), report["paper"]
     bars = [("seed", ps.get("seed_miou"), p["seed_miou"]), ("+CRF", ps.get("crf_miou"), p["crf_miou"]),
             ("mask", ps.get("mask_miou"), p["mask_miou"]),
             ("DeepLab\npseudo", report["val_miou_pseudo_crf"], p["voc_val"]),
             ("DeepLab\nGT", report["val_miou_gt_crf"], p["full_supervision_val_crf"])]
-    save_report_plot(out / "report.png", bars, report["dataset"])
+    out.save("report.png", lambda p: save_report_plot(p, bars, report["dataset"]))

@@ -10,12 +10,13 @@ never sees a partial file, and a killed job leaves none behind that a rerun woul
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import posixpath
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit, urlunsplit
@@ -50,6 +51,27 @@ def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+@contextlib.contextmanager
+def local_file(location: str | Path) -> Iterator[Path | None]:
+    """A file named by a local path or a URI, as a local path for the block (a URI's file is downloaded into a
+    temporary folder under its own name, so that its suffix still tells its format); None if there is no such file."""
+    if not is_uri(location):
+        path = Path(location).expanduser()
+        yield path if path.is_file() else None
+        return
+    try:
+        fs, path = pafs.FileSystem.from_uri(str(location))
+        with fs.open_input_file(path) as f:
+            data = f.read()
+    except (FileNotFoundError, OSError, ValueError):
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / posixpath.basename(path)
+        local.write_bytes(data)
+        yield local
+
+
 class RunFolder:
     """A job's output folder: `fs` (a pyarrow filesystem) and `path` on it. `parent`/`name` are what Ray Train's
     RunConfig takes (storage_path on `fs`, the run's name). Names given to its methods are relative to the folder
@@ -79,8 +101,8 @@ class RunFolder:
         """`location` as a RunFolder (itself if it is one)."""
         return location if isinstance(location, RunFolder) else cls(location)
 
-    def __reduce__(self):  # sent to Ray actors by location (a pyarrow filesystem is rebuilt there)
-        return (RunFolder, (self.location,))
+    def __reduce__(self):  # sent to Ray actors by location (a pyarrow filesystem is rebuilt there); a local folder
+        return (RunFolder, (self.location if is_uri(self.location) else self.path,))  # by its absolute path
 
     @property
     def is_local(self) -> bool:
@@ -104,6 +126,12 @@ class RunFolder:
         """How to name a file of the folder (or any path on its filesystem) to the user: a local path or a URI."""
         p = fs_path if fs_path is not None else (f"{self.path}/{name}" if name else self.path)
         return f"{self.uri_prefix}{p}"
+
+    def location_of(self, fs_path: str) -> str:
+        """A path on the folder's filesystem as a location to open again: a local path, or a URI that keeps the
+        folder's query (an endpoint, a region)."""
+        query = urlsplit(self.location).query if is_uri(self.location) else ""
+        return self.uri(fs_path=fs_path) + (f"?{query}" if query else "")
 
     def makedirs(self, name: str = "") -> None:
         try:
@@ -131,6 +159,15 @@ class RunFolder:
 
     def put_file(self, local: Path, name: str) -> None:
         self.write_bytes(name, Path(local).read_bytes())
+
+    def put_tree(self, local: Path, name: str, last: str | None = None) -> None:
+        """Copy the local folder `local` into the folder's `name`; the file `last` (a manifest) is written after
+        every other one, so that a copy cut short is never taken for a complete one."""
+        local = Path(local)
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != last)
+        for p in files + ([local / last] if last and (local / last).is_file() else []):
+            rel = p.relative_to(local).as_posix()
+            self.put_file(p, f"{name}/{rel}" if name else rel)
 
     def save(self, name: str, make: Callable[[Path], None]) -> None:
         """A file made by `make(path)` (a picture), written into the folder under `name`."""

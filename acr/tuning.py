@@ -10,7 +10,8 @@ can be opened with optuna-dashboard and continued; an interrupted search rerun w
 from __future__ import annotations
 
 import csv
-import json
+import hashlib
+import io
 import logging
 import math
 from pathlib import Path
@@ -30,10 +31,12 @@ from acr.checkpoint import load_classifier
 from acr.config import Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, to_dict, validate
 from acr.data.ingest import EvalRows
 from acr.data.sources import ensure_shards
+from acr.data.synthetic import default_cache_dir
 from acr.errors import RunError
 from acr.runtime.cluster import TRIAL_SLOT, concurrent_trials, init_ray, trial_resources
+from acr.runtime.reach import driver_disk_is_shared, stage_inputs
 from acr.storage import RunFolder
-from acr.train.driver import prepare_run, training_trainer
+from acr.train.driver import prepare_run, resolve_pretrained, training_trainer
 from acr.train.evaluate import evaluate_split
 from acr.viz import save_trial_plots
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 KINDS = ("categorical", "uniform", "loguniform", "int")
 METRIC = "cam_miou"
 SUMMARY = "summary.json"
+TRIALS = "trials"  # the trials' training runs, in the search's folder
 __all__ = ["TRIAL_SLOT", "concurrent_trials", "load_space", "run_tune", "trial_resources"]
 
 
@@ -103,30 +107,39 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
     return apply_overrides(base, params, source="a trial's parameters", job="train")
 
 
-def run_trial(config: dict, base: dict, keys: list[str]) -> None:
-    """The Tune trainable: one TorchTrainer run of `base` with the trial's sampled `keys`, every report forwarded to
-    Tune."""
+def trial_folder(search: str | Path | RunFolder, trial: str) -> RunFolder:
+    """Where a trial's training run lives: in the search's own storage (a URI or a folder every node reaches), not
+    in Tune's folder on the node that runs the trial's driver."""
+    return RunFolder.of(search).sub(TRIALS).sub(trial)
+
+
+def run_trial(config: dict, base: dict, keys: list[str], search: str) -> None:
+    """The Tune trainable: one TorchTrainer run of `base` with the trial's sampled `keys` in the search's storage
+    (`search`), every report forwarded to Tune."""
     cfg = selection_config(trial_config(config_from_dict(base), {k: config[k] for k in keys}))
-    trial_dir = Path(ray.tune.get_context().get_trial_dir())
+    folder = trial_folder(search, Path(ray.tune.get_context().get_trial_dir()).name)
     loop_config, datasets, _ = prepare_run(cfg, progress=False)
-    (trial_dir / "config.yaml").write_text(dump_yaml(cfg))
-    training_trainer(cfg, trial_dir / "train", loop_config, datasets, callbacks=[TuneReportCallback()]).fit()
+    folder.makedirs()
+    folder.write_text("config.yaml", dump_yaml(cfg))
+    training_trainer(cfg, folder.sub("train"), loop_config, datasets, callbacks=[TuneReportCallback()]).fit()
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """A trial's newest checkpoint (the latest in Ray's record of its training run)."""
-    latest = RunFolder(run_dir).latest_checkpoint()
-    return Path(latest) if latest else None
+def latest_checkpoint(run: RunFolder) -> str | None:
+    """A trial's newest checkpoint (the latest in Ray's record of its training run), as a path or URI."""
+    latest = run.latest_checkpoint()
+    return run.location_of(latest) if latest else None
 
 
-def _tuner(cfg: Config, base: Config, space: dict, out: Path, storage: str, concurrent: int, driver: dict):
+def _tuner(cfg: Config, base: Config, space: dict, out: RunFolder, storage: str, concurrent: int, driver: dict):
     """A new Tuner, or the interrupted search in `out` restored."""
-    experiment = out / "experiment"
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=to_dict(base), keys=list(space)),
-                                        driver)
-    if ray.tune.Tuner.can_restore(experiment):
-        log.info("resuming the search in %s", experiment)
-        return ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    experiment = out.sub("experiment")
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=to_dict(base), keys=list(space),
+                                                                 search=out.location), driver)
+    fs = None if out.is_local else out.fs
+    if ray.tune.Tuner.can_restore(experiment.path, storage_filesystem=fs):
+        log.info("resuming the search in %s", experiment.uri())
+        return ray.tune.Tuner.restore(experiment.path, trainable, resume_unfinished=True, resume_errored=True,
+                                      storage_filesystem=fs)
     search = OptunaSearch(optuna_space(space), metric=METRIC, mode="max", study_name=cfg.tune.study_name,
                           storage=optuna.storages.RDBStorage(storage),
                           sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed))
@@ -138,32 +151,56 @@ def _tuner(cfg: Config, base: Config, space: dict, out: Path, storage: str, conc
         tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
                                         num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent,
                                         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-        run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(out)))
+        run_config=ray.tune.RunConfig(name=experiment.name, storage_path=out.path, storage_filesystem=fs))
 
 
 def run_tune(cfg: Config, space_file: str | Path, output_dir: str | Path) -> dict:
-    """Search, resume if `output_dir` holds an interrupted search, and write the outputs (see ray_jobs/tune.py)."""
+    """Search, resume if `output_dir` (a folder or a URI) holds an interrupted search, and write the outputs (see
+    ray_jobs/tune.py)."""
     validate(cfg, "tune")
-    out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunFolder(output_dir)
+    out.makedirs()
     space = load_space(space_file, cfg)
     # Convert the data once, before any trial (trials would race on the cache); trials read the shards.
-    uri, _ = ensure_shards(cfg, [cfg.data.train_split, cfg.tune.select_split, cfg.eval.split])
-    base = apply_overrides(cfg, {"data.shards": uri})
+    splits = [cfg.data.train_split, cfg.tune.select_split, cfg.eval.split]
+    uri, _ = ensure_shards(cfg, splits)
     init_ray(cfg, "tune", trials=cfg.tune.max_concurrent or 1)
-    cluster = ray.cluster_resources()
-    concurrent, driver = concurrent_trials(cfg, cluster), {"CPU": cfg.tune.trial_cpus}
-    if cluster.get(TRIAL_SLOT):
-        concurrent, driver[TRIAL_SLOT] = min(concurrent, int(cluster[TRIAL_SLOT])), 1
-    log.info("up to %d trial(s) at once, each %s%s", concurrent, trial_resources(cfg),
-             "" if TRIAL_SLOT in driver else f" (the cluster has no '{TRIAL_SLOT}' resource: a resumed search "
-                                              "restarts all its unfinished trials at once)")
-    storage = cfg.tune.storage or f"sqlite:///{out / 'study.db'}"
+    # the stand-in made once, before the trials; shards and weights where every trial's workers read them
+    base = stage_inputs(resolve_pretrained(apply_overrides(cfg, {"data.shards": uri}), storage=out), out, uri)
+    concurrent, driver = trial_limits(cfg)
+    storage = cfg.tune.storage or f"sqlite:///{study_file(out)}"
     results = _tuner(cfg, base, space, out, storage, concurrent, driver).fit()
     return write_outputs(cfg, base, space, results, out, storage)
 
 
-def write_outputs(cfg: Config, base: Config, space: dict, results, out: Path, storage: str) -> dict:
+def trial_limits(cfg: Config) -> tuple[int, dict]:
+    """(trials at once, what a trial's driver reserves) on the connected cluster."""
+    cluster = ray.cluster_resources()
+    concurrent, driver = concurrent_trials(cfg, cluster), {"CPU": cfg.tune.trial_cpus}
+    if cluster.get(TRIAL_SLOT):
+        concurrent, driver[TRIAL_SLOT] = min(concurrent, int(cluster[TRIAL_SLOT])), 1
+    elif not driver_disk_is_shared():
+        # a cluster of several nodes, or one still to grow: the trials' demands make the autoscaler add nodes, so
+        # the nodes up now do not bound the trials at once
+        concurrent = cfg.tune.max_concurrent or cfg.tune.num_samples
+    log.info("up to %d trial(s) at once, each %s%s", concurrent, trial_resources(cfg),
+             "" if TRIAL_SLOT in driver else f" (the cluster has no '{TRIAL_SLOT}' resource: a resumed search "
+                                              "restarts all its unfinished trials at once)")
+    return concurrent, driver
+
+
+def study_file(out: RunFolder) -> Path:
+    """The Optuna study's SQLite file: in the search's folder, or for a URI in this machine's cache (SQLite needs a
+    local file; the study is also kept with Tune's searcher state in the search's storage)."""
+    if out.is_local:
+        return Path(out.path) / "study.db"
+    digest = hashlib.sha256(out.location.encode()).hexdigest()[:12]
+    path = default_cache_dir(None) / "studies" / f"{out.name}-{digest}.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_outputs(cfg: Config, base: Config, space: dict, results, out: RunFolder, storage: str) -> dict:
     rows, curves = [], {}
     for r in results:
         params = {k: r.config.get(k) for k in space}
@@ -177,19 +214,20 @@ def write_outputs(cfg: Config, base: Config, space: dict, results, out: Path, st
                      "best_cam_miou": max(scores) if scores else None, "last_cam_miou": scores[-1] if scores else None,
                      "last_threshold": last.get("threshold"), "last_threshold_at_edge": last.get("threshold_at_edge"),
                      "path": r.path, **params})
-    with open(out / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["trial"])
+    writer.writeheader()
+    writer.writerows(rows)
+    out.write_text("trials.csv", table.getvalue())
     scored = [row for row in rows if row["best_cam_miou"] is not None]
     if not scored:
-        raise RunError(f"no trial produced a CAM mIoU; see {out / 'trials.csv'} and the trial folders")
+        raise RunError(f"no trial produced a CAM mIoU; see {out.uri('trials.csv')} and the trial folders")
     # Best = highest final-epoch score among trials that trained every epoch (early-stopped ones are not comparable).
     full = [row for row in scored if row["epochs"] >= cfg.train.epochs] or scored
     best = max(full, key=lambda row: row["last_cam_miou"])
     best_cfg = trial_config(base, {k: best[k] for k in space})
-    (out / "best.yaml").write_text(dump_yaml(best_cfg))
-    ckpt = latest_checkpoint(Path(best["path"]) / "train")
+    out.write_text("best.yaml", dump_yaml(best_cfg))
+    ckpt = latest_checkpoint(trial_folder(out, best["trial"]).sub("train"))
     reported = evaluate_checkpoint(best_cfg, ckpt) if ckpt is not None and best_cfg.eval.enabled else None
     summary = {
         "best_config": {k: best[k] for k in space}, "best_trial": best["trial"],
@@ -205,12 +243,12 @@ def write_outputs(cfg: Config, base: Config, space: dict, results, out: Path, st
         "n_errored": sum(r["status"] == "error" for r in rows), "study_storage": storage,
         "study_name": cfg.tune.study_name, "space": {k: list(v) for k, v in space.items()},
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    out.write_json(SUMMARY, summary)
     save_plots(out, curves, storage, cfg.tune.study_name)
     return summary
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: Path) -> dict:
+def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict:
     """Score a checkpoint's classifier on `eval.split` in this process (one worker)."""
     uri, manifest = ensure_shards(cfg, [cfg.eval.split], progress=False)
     model, _ = load_classifier(checkpoint)
@@ -218,7 +256,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path) -> dict:
     return result
 
 
-def save_plots(out: Path, curves: dict[str, list[float]], storage: str, study_name: str) -> None:
+def save_plots(out: RunFolder, curves: dict[str, list[float]], storage: str, study_name: str) -> None:
     """trials.png: every trial's score per epoch, and the parameters' importances (fANOVA) where computable."""
     importances = {}
     try:
@@ -226,4 +264,4 @@ def save_plots(out: Path, curves: dict[str, list[float]], storage: str, study_na
         importances = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError, KeyError):
         pass  # fewer than two finished trials, or all with the same value
-    save_trial_plots(out / "trials.png", curves, importances)
+    out.save("trials.png", lambda p: save_trial_plots(p, curves, importances))

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from acr.cli import parse_job_args  # noqa: E402
 from acr.pipeline import run_pipeline  # noqa: E402
 from acr.runtime.errors import run_job  # noqa: E402
+from acr.storage import RunFolder  # noqa: E402
 from acr.train.driver import resolve_pretrained  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.yaml"
@@ -31,8 +32,9 @@ def pct(v) -> str:
 
 
 def main(argv=None) -> None:
-    cfg, out, _ = parse_job_args(__doc__.splitlines()[0], DEFAULT_CONFIG, argv, job="pipeline")
-    cfg = resolve_pretrained(cfg, segment=True)  # model/segment.pretrained=standin: made once (first use)
+    cfg, out, _ = parse_job_args(__doc__.splitlines()[0], DEFAULT_CONFIG, argv, job="pipeline", uri_output=True)
+    # model/segment.pretrained=standin: made once (first use)
+    cfg = resolve_pretrained(cfg, segment=True, storage=RunFolder(out))
     report = run_pipeline(cfg, out)
     ps = report["stages"].get("pseudo_labels", {})
     print(f"pseudo-labels: seed {pct(ps.get('seed_miou'))}, +CRF {pct(ps.get('crf_miou'))}, mask "
@@ -41,7 +43,7 @@ def main(argv=None) -> None:
           f"{pct(report['val_miou_pseudo_crf'])}, from the ground truth {pct(report['val_miou_gt'])} / "
           f"{pct(report['val_miou_gt_ms'])} / {pct(report['val_miou_gt_crf'])} (paper, VOC val: "
           f"{report['paper']['voc_val']})")
-    print(Path(out).resolve() / "report.md")
+    print(RunFolder(out).uri("report.md"))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     cfg = job if job is not None else load_config(args.config or DEFAULT_CONFIG, job="segment")
     cfg = apply_overrides(cfg, overrides, source="the command line")
     validate(cfg, "segment")
-    cfg = resolve_pretrained(cfg, model=False, segment=True)  # segment.pretrained=standin (first use)
+    cfg = resolve_pretrained(cfg, model=False, segment=True, storage=RunFolder(out))  # segment.pretrained=standin
     summary = run_segment(cfg, out)
     print(f"DeepLab on '{summary['labels']}': val mIoU {summary['val_miou']:.4f} single scale, "
           f"{summary['val_miou_ms']:.4f} multi-scale + flip, {summary['val_miou_crf']:.4f} + CRF "

@@ -1,7 +1,7 @@
 """Search ACR's SRF grid size, q and loss weights with Ray Tune + Optuna; write <output-dir>/summary.json, best.yaml,
 trials.csv, trials.png and the Optuna study (study.db). The last line printed is the summary's path.
 
-    python ray_jobs/tune.py [--config FILE] [--space FILE] [--output-dir DIR] [key=value ...]
+    python ray_jobs/tune.py [--config FILE] [--space FILE] [--output-dir DIR|URI] [key=value ...]
     python ray_jobs/train.py --config DIR/best.yaml          # the best trial's configuration
     optuna-dashboard sqlite:///DIR/study.db                  # the study
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from acr.cli import parse_job_args  # noqa: E402
 from acr.runtime.errors import run_job  # noqa: E402
 from acr.tuning import run_tune  # noqa: E402
-from acr.train.driver import resolve_pretrained  # noqa: E402
+from acr.storage import RunFolder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,15 +30,14 @@ def _flags(p) -> None:
 
 def main(argv=None) -> None:
     cfg, out, args = parse_job_args(__doc__.splitlines()[0], REPO / "configs" / "tune_demo.yaml", argv, job="tune",
-                                    add_args=_flags)
-    cfg = resolve_pretrained(cfg)  # model.pretrained=standin: made once, before the trials
-    summary = run_tune(cfg, args.space, out)
+                                    add_args=_flags, uri_output=True)
+    summary = run_tune(cfg, args.space, out)  # model.pretrained=standin: made once, before the trials
     print(f"best trial {summary['best_trial']}: CAM mIoU {summary['best_cam_miou']:.4f} on "
           f"'{summary['select_split']}' (selection), "
           + (f"{summary['best_cam_miou_reported']:.4f} on '{summary['report_split']}' (reported); "
              if summary["best_cam_miou_reported"] is not None else "")
           + f"{summary['n_trials']} trials, {summary['n_stopped_early']} stopped early; {summary['best_config']}")
-    print(Path(out).resolve() / "summary.json")
+    print(RunFolder(out).uri("summary.json"))
 
 
 if __name__ == "__main__":

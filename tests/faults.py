@@ -171,6 +171,17 @@ def run_killed_at_first_checkpoint(args: list[str], folder: RunFolder, cwd: Path
 def run_with_a_worker_killed(fn, folder: RunFolder, after: dict | None) -> dict:
     """Run `fn()` (a job, in this process, on its Ray) and SIGKILL its Ray Train worker once `folder` records a
     checkpoint other than `after`: {"result" or "error", "before_kill": that point, "workers": the pids found}."""
+    def kill(out: dict) -> None:
+        out["workers"] = training_workers()
+        if len(out["workers"]) == 1:
+            os.kill(out["workers"][0], signal.SIGKILL)
+
+    return run_with_a_kill(fn, folder, after, kill)
+
+
+def run_with_a_kill(fn, folder: RunFolder, after: dict | None, kill) -> dict:
+    """Run `fn()` in a thread and call `kill(out)` once `folder` records a checkpoint other than `after`:
+    {"result" or "error", "before_kill": that point, and what `kill` adds}."""
     out: dict = {}
 
     def target():
@@ -183,9 +194,7 @@ def run_with_a_worker_killed(fn, folder: RunFolder, after: dict | None) -> dict:
     thread.start()
     try:
         out["before_kill"] = wait_for_checkpoint(folder, thread.is_alive, after=after)
-        out["workers"] = training_workers()
-        if len(out["workers"]) == 1:
-            os.kill(out["workers"][0], signal.SIGKILL)
+        kill(out)
     finally:
         thread.join(timeout=900)
     return out

@@ -21,6 +21,12 @@ BYSTANDER: dict = {}
 RELEASED_STEP_RUN: dict = {}
 
 
+# every port of a node its own: two Ray instances on one machine otherwise collide on the defaults (the client
+# server's 10001, the dashboard agent's 52365, ...) and the second one's job agent never comes up
+PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+              "metrics-export-port", "node-manager-port", "object-manager-port")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,20 +49,22 @@ def group_alive(pgid: int) -> bool:
 
 
 class RayHead:
-    def __init__(self, num_cpus: int = 1, dashboard: bool = False):
+    """`env`: the head's environment over this process's (default: token authentication); `cwd`: where it starts
+    (default: its temp dir); `extra_args`: more `ray start` flags; `port`: the GCS's (default: a free one)."""
+
+    def __init__(self, num_cpus: float = 1, dashboard: bool = False, env: dict | None = None, cwd: Path | None = None,
+                 extra_args: tuple[str, ...] = (), port: int | None = None):
         # a short temp dir of its own (Ray's socket paths must stay under 107 characters)
         self.temp_dir = tempfile.mkdtemp(prefix="acr-ray-", dir="/tmp")
-        self.port, self.dashboard_port = free_port(), free_port()
-        # every port of its own: two Ray instances on one machine otherwise collide on the defaults (the client
-        # server's 10001, the dashboard agent's 52365, ...) and the second one's job agent never comes up
-        ports = [f"--{name}={free_port()}" for name in (
-            "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-            "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")]
+        self.port, self.dashboard_port = port or free_port(), free_port()
+        ports = {name: free_port() for name in ("ray-client-server-port", *PORT_FLAGS)}
+        self.manager_port = ports["node-manager-port"]
         cmd = ["ray", "start", "--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                f"--num-cpus={num_cpus}", f"--include-dashboard={'true' if dashboard else 'false'}",
-               "--disable-usage-stats", f"--temp-dir={self.temp_dir}", *ports]
-        proc = subprocess.Popen(cmd, env=ray_env(RAY_AUTH_MODE="token"), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=self.temp_dir)
+               "--disable-usage-stats", f"--temp-dir={self.temp_dir}", *[f"--{k}={v}" for k, v in ports.items()],
+               *extra_args]
+        proc = subprocess.Popen(cmd, env=ray_env(**(env or {"RAY_AUTH_MODE": "token"})), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=cwd or self.temp_dir)
         out, _ = proc.communicate(timeout=180)
         self.pgid = proc.pid  # the session (and process group) every process of this Ray belongs to
         if proc.returncode != 0:

@@ -100,3 +100,12 @@ def test_no_ray_port_is_exposed(raw):
     assert not any(re.match(r"(-p|--publish)\b", o) for o in cfg["docker"]["run_options"])
     text = (REPO / "cluster.yaml").read_text()
     assert "never opened to the internet" in text and "ray dashboard cluster.yaml" in text
+
+
+def test_the_head_runs_drivers_only(raw):
+    """No CPUs for Ray's tasks on the head: every worker, data task and per-image actor runs on a worker node, so a
+    job's files cannot land on the head's disk by chance (acr.runtime.reach treats the cluster as several nodes)."""
+    head = raw["available_node_types"][raw["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    start = " ".join(raw["head_start_ray_commands"])
+    assert "--num-cpus=0" in start and "--autoscaling-config" in start

@@ -46,6 +46,6 @@ def test_only_the_jobs_that_write_a_uri_take_one(tmp_path):
     assert out == "s3://b/runs/x"
     _, out, args = parse_job_args("d", None, ["--output-dir", str(tmp_path / "x")], uri_output=True)
     assert out == tmp_path / "x" and args.output_dir == tmp_path / "x"
-    with pytest.raises(ConfigError, match="the prepare_data job writes a local .* train.py, pseudo_labels.py and "
-                                          "segment.py write to a URI"):
+    with pytest.raises(ConfigError, match="the prepare_data job writes a local .* train.py, tune.py, "
+                                          "pseudo_labels.py, segment.py and pipeline.py write to a URI"):
         parse_job_args("d", None, ["--output-dir", "s3://b/runs/x"], job="prepare_data")

@@ -104,7 +104,7 @@ def test_search_killed_midway_resumes_and_best_yaml_reproduces_the_trial(cache_d
     assert 0 <= summary["best_cam_miou"] <= 1 and 0 <= summary["best_cam_miou_reported"] <= 1
     # best.yaml, given to train.py, resolves to the best trial's configuration exactly
     best = load_config(out / "best.yaml")
-    trial = yaml.safe_load((out / "experiment" / summary["best_trial"] / "config.yaml").read_text())
+    trial = yaml.safe_load((out / "trials" / summary["best_trial"] / "config.yaml").read_text())
     for key, value in summary["best_config"].items():
         section, *rest = key.split(".")
         node = to_dict(best)[section]

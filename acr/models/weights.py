@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from acr.errors import WeightsError
+from acr.storage import local_file
 
 _LIST_MAGIC = 0x112
 _V1_MAGIC = 0xF993FAC8
@@ -139,16 +140,18 @@ def mxnet_to_resnet38d(params: dict[str, np.ndarray]) -> dict[str, torch.Tensor]
     return out
 
 
-def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+def _load_state_dict_file(path: Path, where: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict file at `path` (named `where` in errors: its URI where it was downloaded)."""
+    where = where or path
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a bad/unsafe file
-        raise WeightsError(f"cannot load {path} as a state dict with weights_only=True: {exc}") from exc
+        raise WeightsError(f"cannot load {where} as a state dict with weights_only=True: {exc}") from exc
     for wrapper in ("state_dict", "model"):  # a training checkpoint's weights (DeiT's releases hold them in "model")
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict):
-        raise WeightsError(f"{path}: expected a state dict, got {type(sd).__name__}")
+        raise WeightsError(f"{where}: expected a state dict, got {type(sd).__name__}")
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -158,23 +161,27 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, name: str) -> N
     if str(path) == "standin":
         raise WeightsError("pretrained=standin names the project's stand-in for ImageNet weights: the job resolves it "
                            "to its file (acr.train.standin.resolve_standin, or `python ray_jobs/standin.py`)")
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+    with local_file(path) as local:
+        if local is None:
+            raise WeightsError(f"weights file not found: {path}")
+        _load_backbone_file(backbone, local, str(path), name)
+
+
+def _load_backbone_file(backbone: nn.Module, path: Path, where: str, name: str) -> None:
     if path.suffix == ".params":
         if name != "resnet38d":
-            raise WeightsError(f"{path}: MXNet .params weights are for resnet38d, not {name}")
+            raise WeightsError(f"{where}: MXNet .params weights are for resnet38d, not {name}")
         sd = mxnet_to_resnet38d(read_mxnet_params(path))
     else:
-        sd = _load_state_dict_file(path)
+        sd = _load_state_dict_file(path, where)
     own = backbone.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     if missing:
-        raise WeightsError(f"{path} does not fit backbone {name}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+        raise WeightsError(f"{where} does not fit backbone {name}: {len(missing)} tensors missing, e.g. {missing[:3]}")
     bad = [k for k in own if k in sd and sd[k].shape != own[k].shape]
     if bad:
         k = bad[0]
-        raise WeightsError(f"{path}: tensor {k} has shape {tuple(sd[k].shape)}, backbone {name} expects "
+        raise WeightsError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)}, backbone {name} expects "
                            f"{tuple(own[k].shape)}")
     backbone.load_state_dict({k: sd[k] for k in own if k in sd}, strict=False)
 
@@ -202,13 +209,14 @@ def _resize_position_embedding(pe: torch.Tensor, file_tokens: int, own: torch.Te
 
 
 def load_vit_weights(backbone: nn.Module, path: str | Path, name: str) -> None:
-    """Load a timm-format DeiT checkpoint (a state dict, or DeiT's release file with it under "model") into an
-    acr.models.vit.VisionTransformer, whatever its number of leading tokens and its grid: the class token and the
-    position embedding are adapted (:func:`_resize_position_embedding`); every other tensor must fit exactly."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    sd = _load_state_dict_file(path)
+    """Load a timm-format DeiT checkpoint (a state dict, or DeiT's release file with it under "model"; a local path or
+    a URI) into an acr.models.vit.VisionTransformer, whatever its number of leading tokens and its grid: the class
+    token and the position embedding are adapted (:func:`_resize_position_embedding`); every other tensor must fit
+    exactly."""
+    with local_file(path) as local:
+        if local is None:
+            raise WeightsError(f"weights file not found: {path}")
+        sd = _load_state_dict_file(local, str(path))
     own = backbone.state_dict()
     missing = [k for k in own if k not in sd]
     if missing:

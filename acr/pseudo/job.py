@@ -22,6 +22,7 @@ from acr.refine import pseudo
 from acr.refine.crf import CRF_PRESETS
 from acr.runtime.cluster import init_ray
 from acr.runtime.errors import reraise_root_cause
+from acr.runtime.reach import require_reachable, stage_inputs
 from acr.runtime.stages import ImageFiles, positions, run_stage, split_ids
 from acr.storage import RunFolder
 from acr.viz import save_level_overlays
@@ -100,9 +101,12 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
     ps = cfg.pseudo
     uri, manifest = ensure_shards(apply_overrides(cfg, {"eval.enabled": False}), [ps.split])
     ids = split_ids(uri, manifest, ps.split, ps.max_images)
+    init_ray(cfg, "pseudo_labels")
+    cfg = stage_inputs(cfg, folder, uri)
+    require_reachable(cfg, {"pseudo.checkpoint": ps.checkpoint})
+    uri = cfg.data.shards or uri
     shards, where = (uri, manifest, ps.split), f"the {ps.split} shards in {uri}"
     files = ImageFiles(folder, pseudo.SUFFIXES)
-    init_ray(cfg, "pseudo_labels")
     summary = {"checkpoint": ps.checkpoint, "split": ps.split, "num_images": len(ids), "shards": uri, "stages": {}}
     try:
         _stages(cfg, folder, files, ids, shards, where, summary)

@@ -19,6 +19,7 @@ from acr.refine import pseudo
 from acr.refine.crf import CRF_PRESETS
 from acr.runtime.cluster import init_ray
 from acr.runtime.errors import reraise_root_cause
+from acr.runtime.reach import require_reachable, stage_inputs
 from acr.runtime.session import resume_point
 from acr.runtime.stages import ImageFiles, positions, run_stage, split_ids
 from acr.segment.predict import LEVELS, PredictStage, evaluate_predictions
@@ -138,9 +139,12 @@ def run_segment(cfg: Config, out: str | Path) -> dict:
     _check_train_params(folder, {"labels": labels, "split": sg.split, "max_images": sg.max_images,
                                  "backbone": sg.backbone, "head": sg.head, "output_stride": sg.output_stride,
                                  "init_backbone": init, "pretrained": sg.pretrained})
+    init_ray(cfg, "segment")
+    cfg = stage_inputs(cfg, folder, uri)
+    require_reachable(cfg, {"segment.labels": None if labels == GT else labels, "segment.init_backbone": init})
+    uri = cfg.data.shards or uri
     summary = _summary_head(cfg, labels, init, uri, len(train_ids), len(val_ids))
     files = ImageFiles(folder)
-    init_ray(cfg, "segment")
     try:
         summary["stages"]["train"] = train_deeplab(cfg, folder, labels, (uri, manifest, sg.split), len(train_ids),
                                                    init, f"the {sg.split} shards in {uri}")

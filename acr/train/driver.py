@@ -4,6 +4,7 @@ folder's summary.json, history.json, pictures and config."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -16,6 +17,7 @@ from acr.data.ingest import make_plan, train_dataset
 from acr.data.shards import ShardIndex, find_corrupt_rows
 from acr.data.sources import ensure_shards
 from acr.runtime.cluster import init_ray
+from acr.runtime.reach import stage_inputs
 from acr.runtime.session import LocalSession, resume_point
 from acr.train.standin import resolve_standin
 from acr.runtime.trainer import build_trainer, fit
@@ -27,10 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def prepare_run(cfg: Config, start: tuple[int, int] = (0, 0), progress: bool = True,
-                world: int | None = None) -> tuple[dict, dict, dict]:
+                world: int | None = None, storage: RunFolder | None = None) -> tuple[dict, dict, dict]:
     """(loop_config, datasets, data_info) of a run: the shards (converted if need be), the usable training images
     (rows that do not decode are left out with data.skip_corrupt, else they stop the run where met), the training
-    stream from `start` (epoch, step) cut for scaling.num_workers (the eval split is read by the workers)."""
+    stream from `start` (epoch, step) cut for scaling.num_workers (the eval split is read by the workers). With the
+    run's `storage`, the shards and weights are put where every worker of the cluster reads them
+    (acr.runtime.reach)."""
     uri, manifest = ensure_shards(cfg, progress=progress)
     split = cfg.data.train_split
     indices = ShardIndex(manifest, split).indices
@@ -39,7 +43,10 @@ def prepare_run(cfg: Config, start: tuple[int, int] = (0, 0), progress: bool = T
         bad = {r["index"] for r in corrupt}
         indices = [i for i in indices if i not in bad]
     init_ray(cfg, "train")  # the data checked first: a missing folder or bucket stops the job before Ray starts
-    cfg = resolve_pretrained(cfg)  # model.pretrained=standin: made on first use (after the data checks)
+    cfg = resolve_pretrained(cfg, storage=storage)  # model.pretrained=standin: made on first use (after the checks)
+    if storage is not None:
+        cfg = stage_inputs(cfg, storage, uri)
+        uri = cfg.data.shards or uri
     start_epoch = min(start[0], cfg.train.epochs)
     plan = make_plan(indices, cfg, world or cfg.scaling.num_workers, start_epoch,
                      start[1] if start_epoch < cfg.train.epochs else 0)
@@ -51,18 +58,21 @@ def prepare_run(cfg: Config, start: tuple[int, int] = (0, 0), progress: bool = T
     return loop_config, datasets, info
 
 
-def resolve_pretrained(cfg: Config, model: bool = True, segment: bool = False) -> Config:
+def resolve_pretrained(cfg: Config, model: bool = True, segment: bool = False,
+                       storage: RunFolder | None = None) -> Config:
     """`cfg` with `model.pretrained` (with `segment`: also `segment.pretrained`) = "standin" replaced by the file of
-    the stand-in for ImageNet weights, pre-trained with the plain loop on first use (acr.train.standin)."""
-    return resolve_standin(cfg, run_local, model, segment)
+    the stand-in for ImageNet weights, pre-trained with the plain loop on first use (acr.train.standin). On a cluster
+    of several nodes the pre-training's data stream reads its shards from the job's `storage`."""
+    return resolve_standin(cfg, functools.partial(run_local, storage=storage), model, segment)
 
 
-def run_local(cfg: Config, folder: Path, device: torch.device | str = "cpu", on_report=None) -> LocalSession:
+def run_local(cfg: Config, folder: Path, device: torch.device | str = "cpu", on_report=None,
+              storage: RunFolder | None = None) -> LocalSession:
     """The training loop in this process, one worker, no Ray Train (the plain PyTorch loop of the benchmarks), fed
     by the same Ray Data stream; returns the session with every report and the last checkpoint. `on_report(metrics)`
-    is called at every report (a progress bar)."""
+    is called at every report (a progress bar); `storage`: see prepare_run."""
     init_ray(cfg)
-    loop_config, datasets, _ = prepare_run(cfg, progress=False, world=1)
+    loop_config, datasets, _ = prepare_run(cfg, progress=False, world=1, storage=storage)
     session = LocalSession(Path(folder), datasets, device, on_report)
     threads = torch.get_num_threads()  # the loop sets a worker's (train.threads_per_worker): this process keeps its own
     try:
@@ -86,7 +96,7 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict:
     folder.makedirs()
     folder.write_text("config.yaml", dump_yaml(cfg))
     # Fail fast, before any worker starts, on bad data: every error names the file, shard or image id.
-    loop_config, datasets, data_info = prepare_run(cfg, resume_point(folder))
+    loop_config, datasets, data_info = prepare_run(cfg, resume_point(folder), storage=folder)
     result = fit(training_trainer(cfg, folder, loop_config, datasets))
     summary = {"epochs": cfg.train.epochs, **data_info,
                "checkpoint": folder.uri(fs_path=result.checkpoint.path) if result.checkpoint else None}

@@ -79,7 +79,7 @@ NOT_IN_KEY = (("train", "share_classifier_trunk"),)
 # them did not invalidate the stand-ins already cached (a value that changes the weights still changes the key).
 ADDED_LATER = (("model", "vit", "encoder"), ("model", "vit"), ("optim", "classifier_optimizer"),
                ("optim", "adamw_weight_decay"), ("pseudo", "irn_backbone"), ("optim", "lr_schedule"),
-               ("optim", "warmup_epochs"), ("optim", "warmup_lr"), ("optim", "min_lr"))
+               ("optim", "warmup_epochs"), ("optim", "warmup_lr"), ("optim", "min_lr"), ("ray", "shared_dirs"))
 
 
 def standin_path(recipe: Config) -> Path:
