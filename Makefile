@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean rehearse
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# `make rehearse`: cluster.yaml's workflow on a local autoscaling cluster (tests/rehearsal.py), about 15 minutes.
+rehearse: $(STAMP)
+	$(PY) -m tests.rehearsal $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -22,7 +22,7 @@ from acr.checkpoint import resolve_checkpoint
 from acr.config import Config, ConfigError, apply_overrides, dump_yaml, num_classes, to_dict, validate
 from acr.data.sources import ensure_shards
 from acr.pseudo.job import job_config, run_pseudo_labels
-from acr.runtime.cluster import init_ray, job_cpus
+from acr.runtime.cluster import init_ray, job_cpus, job_nodes
 from acr.runtime.reach import driver_disk_is_shared, stage_inputs
 from acr.segment.job import resolve_labels, run_segment
 from acr.segment.train import GT
@@ -198,6 +198,7 @@ def run_pipeline(cfg: Config, out: str | Path, space: str | Path | None = None) 
     else:
         stages.record["deeplab_gt"] = {"status": "skipped", "reason": "pipeline.upper_bound=false"}
     report = make_report(cfg, stages.record, seg, gt)
+    report["nodes"] = job_nodes()
     write_report(out, report)
     return report
 

@@ -33,7 +33,7 @@ from acr.data.ingest import EvalRows
 from acr.data.sources import ensure_shards
 from acr.data.synthetic import default_cache_dir
 from acr.errors import RunError
-from acr.runtime.cluster import TRIAL_SLOT, concurrent_trials, init_ray, trial_resources
+from acr.runtime.cluster import TRIAL_SLOT, concurrent_trials, init_ray, job_nodes, trial_resources
 from acr.runtime.reach import driver_disk_is_shared, stage_inputs
 from acr.storage import RunFolder
 from acr.train.driver import prepare_run, resolve_pretrained, training_trainer
@@ -243,6 +243,7 @@ def write_outputs(cfg: Config, base: Config, space: dict, results, out: RunFolde
         "n_errored": sum(r["status"] == "error" for r in rows), "study_storage": storage,
         "study_name": cfg.tune.study_name, "space": {k: list(v) for k, v in space.items()},
     }
+    summary["nodes"] = job_nodes()
     out.write_json(SUMMARY, summary)
     save_plots(out, curves, storage, cfg.tune.study_name)
     return summary

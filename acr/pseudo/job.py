@@ -20,7 +20,7 @@ from acr.pseudo.refine import refine_rows, seed_threshold
 from acr.pseudo.walk import WalkStage
 from acr.refine import pseudo
 from acr.refine.crf import CRF_PRESETS
-from acr.runtime.cluster import init_ray
+from acr.runtime.cluster import init_ray, job_nodes
 from acr.runtime.errors import reraise_root_cause
 from acr.runtime.reach import require_reachable, stage_inputs
 from acr.runtime.stages import ImageFiles, positions, run_stage, split_ids
@@ -121,6 +121,7 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
         folder.write_text("table3.md", table3(summary))
     summary["stages"]["evaluation"] = {"seconds": round(time.perf_counter() - t0, 2)}
     summary["config"] = to_dict(cfg)
+    summary["nodes"] = job_nodes()
     folder.write_json("summary.json", summary)
     log.info("pseudo-labels: %s", {k: summary.get(k) for k in ("seed_miou", "crf_miou", "mask_miou")})
     return summary

@@ -17,6 +17,8 @@ import socket
 import ray
 import torch
 from ray._private.services import find_gcs_addresses  # Ray 2.60 (pinned): the GCS processes on this machine
+from ray._private.worker import get_dashboard_url
+from ray.util.state import list_actors
 
 from acr.config import Config, stage_workers
 from acr.runtime.quiet import quiet_local_ray
@@ -139,3 +141,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def job_nodes() -> dict[str, list[str]]:
+    """The nodes this job's actors ran on (training workers, Tune trials, Ray Data and stage actors): {Ray node id:
+    sorted actor class names}. Empty where Ray's state API is not served (a local Ray without its dashboard)."""
+    url = get_dashboard_url()
+    if not url:
+        return {}
+    try:
+        actors = list_actors(address=url if "://" in url else f"http://{url}", limit=10_000,
+                             filters=[("job_id", "=", ray.get_runtime_context().get_job_id())],
+                             raise_on_missing_output=False)
+    except Exception as exc:  # the state API's errors have no common type (HTTP, timeouts, a dashboard still up)
+        log.debug("the job's nodes are unknown: %s", exc)
+        return {}
+    nodes: dict[str, set] = {}
+    for a in actors:
+        if a.node_id:  # an actor never placed has none
+            nodes.setdefault(a.node_id, set()).add(a.class_name)
+    return {node: sorted(names) for node, names in sorted(nodes.items())}

@@ -17,7 +17,7 @@ from acr.data.sources import ensure_shards
 from acr.errors import ConfigError, DataError
 from acr.refine import pseudo
 from acr.refine.crf import CRF_PRESETS
-from acr.runtime.cluster import init_ray
+from acr.runtime.cluster import init_ray, job_nodes
 from acr.runtime.errors import reraise_root_cause
 from acr.runtime.reach import require_reachable, stage_inputs
 from acr.runtime.session import resume_point
@@ -177,5 +177,6 @@ def _finish(cfg: Config, folder: RunFolder, files: ImageFiles, summary: dict, st
     folder.save("loss.png", lambda p: save_loss_curve(p, state["history"]))
     summary["stages"]["evaluation"] = {"seconds": round(time.perf_counter() - t0, 2)}
     summary["config"] = to_dict(cfg)
+    summary["nodes"] = job_nodes()
     folder.write_json("summary.json", summary)
     return summary

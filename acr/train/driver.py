@@ -16,7 +16,7 @@ from acr.config import Config, dump_yaml, num_classes, to_dict
 from acr.data.ingest import make_plan, train_dataset
 from acr.data.shards import ShardIndex, find_corrupt_rows
 from acr.data.sources import ensure_shards
-from acr.runtime.cluster import init_ray
+from acr.runtime.cluster import init_ray, job_nodes
 from acr.runtime.reach import stage_inputs
 from acr.runtime.session import LocalSession, resume_point
 from acr.train.standin import resolve_standin
@@ -107,6 +107,7 @@ def run_training(cfg: Config, output_dir: str | Path) -> dict:
     summary["metrics"] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     summary["config"] = to_dict(cfg)
     summary["output_dir"] = folder.uri()
+    summary["nodes"] = job_nodes()
     folder.write_json("summary.json", summary)
     return summary
 
