@@ -35,6 +35,7 @@ from acr.data.synthetic import default_cache_dir
 from acr.errors import RunError
 from acr.runtime.cluster import TRIAL_SLOT, concurrent_trials, init_ray, job_nodes, trial_resources
 from acr.runtime.reach import driver_disk_is_shared, stage_inputs
+from acr.runtime.session import resume_point
 from acr.storage import RunFolder
 from acr.train.driver import prepare_run, resolve_pretrained, training_trainer
 from acr.train.evaluate import evaluate_split
@@ -118,7 +119,8 @@ def run_trial(config: dict, base: dict, keys: list[str], search: str) -> None:
     (`search`), every report forwarded to Tune."""
     cfg = selection_config(trial_config(config_from_dict(base), {k: config[k] for k in keys}))
     folder = trial_folder(search, Path(ray.tune.get_context().get_trial_dir()).name)
-    loop_config, datasets, _ = prepare_run(cfg, progress=False)
+    # a trial restarted after its driver's node was lost continues its training run from the last checkpoint
+    loop_config, datasets, _ = prepare_run(cfg, resume_point(folder.sub("train")), progress=False)
     folder.makedirs()
     folder.write_text("config.yaml", dump_yaml(cfg))
     training_trainer(cfg, folder.sub("train"), loop_config, datasets, callbacks=[TuneReportCallback()]).fit()
@@ -151,7 +153,8 @@ def _tuner(cfg: Config, base: Config, space: dict, out: RunFolder, storage: str,
         tune_config=ray.tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler,
                                         num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent,
                                         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-        run_config=ray.tune.RunConfig(name=experiment.name, storage_path=out.path, storage_filesystem=fs))
+        run_config=ray.tune.RunConfig(name=experiment.name, storage_path=out.path, storage_filesystem=fs,
+                                      failure_config=ray.tune.FailureConfig(max_failures=cfg.scaling.max_failures)))
 
 
 def run_tune(cfg: Config, space_file: str | Path, output_dir: str | Path) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from acr.runtime.session import read_latest
 from acr.storage import RunFolder
 from tests.rayhead import free_port
 
@@ -198,3 +199,22 @@ def run_with_a_kill(fn, folder: RunFolder, after: dict | None, kill) -> dict:
     finally:
         thread.join(timeout=900)
     return out
+
+
+def assert_same_network(folder: RunFolder, reference: RunFolder, tolerance: float = 1e-7) -> float:
+    """The largest difference over the final model and optimiser state of two IRN or DeepLab runs (4 steps, 2
+    epochs), asserted below `tolerance`."""
+    got, ref = read_latest(folder), read_latest(reference)
+    assert (got.epoch, got.step_in_epoch) == (ref.epoch, ref.step_in_epoch) == (2, 0)
+    assert got.state["counters"] == ref.state["counters"] and ref.state["counters"]["steps"] == 4
+    assert got.state["optimizer"]["param_groups"] == ref.state["optimizer"]["param_groups"]  # LR schedule position
+    pairs = [(f"model.{k}", got.state["model"][k], v) for k, v in ref.state["model"].items()]
+    pairs += [(f"optimizer {i} {k}", got.state["optimizer"]["state"][i][k], v)
+              for i, s in ref.state["optimizer"]["state"].items() for k, v in s.items()]
+    worst = 0.0
+    for name, a, b in pairs:
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        assert diff <= tolerance, f"{name} differs by {diff}"
+        worst = max(worst, diff)
+    return worst

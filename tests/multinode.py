@@ -60,8 +60,8 @@ def start_worker_node(root: Path, name: str, address: str, cpus: float, resource
                f"--temp-dir={disk / 'ray'}", *[f"--{flag}={port}" for flag, port in ports.items()]]
     if resources:
         ray_cmd.append(f"--resources={json.dumps(resources)}")
-    script = " && ".join([f"mount --bind {disk} {aside}", f"mount -t tmpfs tmpfs {root / 'disks'}",
-                          f"mkdir -p {disk}", f"mount --move {aside} {disk}", f"cd {disk}", "exec " + shlex.join(ray_cmd)])
+    script = " && ".join([f"mount --bind {disk} {aside}", f"mount -t tmpfs tmpfs {root / 'disks'}", f"mkdir -p {disk}",
+                          f"mount --move {aside} {disk}", f"cd {disk}", "exec " + shlex.join(ray_cmd)])
     with open(root / f"{name}.log", "w") as log:
         proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], env=node_env(disk, env), cwd="/", stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -208,7 +208,8 @@ def autoscaling_cluster(node_types: dict, env: dict, idle_timeout_minutes: float
         "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
         "head_start_ray_commands": [], "worker_start_ray_commands": []}
     (root / "autoscaling.yaml").write_text(json.dumps(config))
+    repo = str(Path(__file__).resolve().parents[1])  # the autoscaler imports this module's provider
     head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+                "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
     return LocalCluster(0, head_env, root=root, port=port,
                         extra_args=(f"--autoscaling-config={root / 'autoscaling.yaml'}",))

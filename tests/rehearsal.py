@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import yaml
+from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
 from acr.storage import RunFolder
 from tests.faults import BUCKET, S3_CREDENTIALS, environment, s3_server
@@ -89,6 +90,11 @@ def submit(address: str, args: list[str], env: dict) -> tuple[bool, str, float]:
     return proc.returncode == 0 and "succeeded" in out, out[-2500:], time.perf_counter() - t0
 
 
+def node_name(node_id: str) -> str:
+    """The head, or the n-th node the autoscaler launched (the provider numbers the node ids it gives)."""
+    return "head" if node_id == FAKE_HEAD_NODE_ID else f"worker node {int(node_id[-5:])} ({node_id[-8:]})"
+
+
 def autoscaler_events(cluster) -> list[str]:
     """The autoscaler's launches and terminations, from its log on the head."""
     logs = Path(cluster.head_ray.temp_dir) / "session_latest" / "logs" / "monitor.log"
@@ -111,8 +117,8 @@ def rehearse(keep_going: bool) -> int:
                     written = RunFolder(summary.rsplit("/", 1)[0]).read_json(summary.rsplit("/", 1)[1]) or {}
                     nodes = written.get("nodes", {})
                     print(f"[{name}] {'succeeded' if ok else 'FAILED'} in {seconds:.0f} s; {summary}; ran on "
-                          f"{len(nodes)} node(s): " + "; ".join(f"{n[-6:]}: {', '.join(c)}" for n, c in nodes.items()),
-                          flush=True)
+                          f"{len(nodes)} node(s):\n  " + "\n  ".join(f"{node_name(n)}: {', '.join(c)}"
+                                                                    for n, c in nodes.items()), flush=True)
                     done += 1
                     if not ok:
                         failed += 1

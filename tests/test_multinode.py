@@ -10,8 +10,12 @@ uninterrupted run."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
+import threading
+import time
 
 import pyarrow.fs as pafs
 import pytest
@@ -20,14 +24,16 @@ import torch
 from ray.util.state import list_actors
 
 from acr.checkpoint import load_state
-from acr.config import ConfigError, load_config
+from acr.config import Config, ConfigError, apply_overrides, load_config, parse_overrides
+from acr.pseudo.job import job_config, run_pseudo_labels
+from acr.refine import pseudo
 from acr.runtime.cluster import init_ray
 from acr.runtime.reach import reachable
 from acr.storage import RunFolder
 from acr.train.driver import run_local, run_training
 from acr.tuning import run_tune
 from tests.conftest import REPO, TINY_OVERRIDES
-from tests.faults import BUCKET, S3_CREDENTIALS, environment, run_with_a_kill, s3_server
+from tests.faults import BUCKET, S3_CREDENTIALS, assert_same_network, environment, run_with_a_kill, s3_server
 from tests.multinode import LocalCluster, namespaces_available
 
 pytestmark = [pytest.mark.slow,
@@ -164,3 +170,89 @@ def test_a_node_lost_mid_epoch_resumes_on_the_other_node_from_s3(cluster, tmp_pa
                 assert torch.allclose(state[opt]["state"][i][k].double(), v.double(), atol=TOLERANCE, rtol=0)
     assert survivor <= set(_training_nodes(cluster))
     cluster.add_node(run["killed"][0], NODE_CPUS)  # the replacement, for the tests after this one
+
+
+def test_a_search_that_loses_a_node_finishes_its_trials(cluster):
+    """Two trials at once, one on each worker node; one node is killed after the first trial checkpoint. With
+    scaling.max_failures=1 the trial that lost its driver or workers is restarted (Tune) or its worker group is
+    (Train), continues its training run from its last checkpoint in the search's storage, and every trial ends with
+    a score for every epoch."""
+    uri = f"s3://{BUCKET}/mn/search-node-lost"
+    cfg = load_config(None, _overrides(cluster, "tune.num_samples=2", "tune.max_concurrent=2", "tune.asha=false",
+                                       "tune.select_max_images=8", "train.epochs=2", "scaling.max_failures=1",
+                                       "scaling.cpus_per_worker=2.5"), job="tune")
+    out: dict = {}
+    search = threading.Thread(target=lambda: out.update(summary=run_tune(cfg, REPO / "search_spaces" / "demo.yaml",
+                                                                         uri)))
+    search.start()
+    trials, deadline = RunFolder(uri).sub("trials"), time.monotonic() + 600
+    while search.is_alive() and time.monotonic() < deadline and not any(
+            trials.sub(f"{i.base_name}/train").latest_checkpoint()
+            for i in trials.fs.get_file_info(pafs.FileSelector(trials.path, allow_not_found=True))):
+        time.sleep(0.5)
+    killed = sorted({cluster.name_of(a.node_id) for a in list_actors(
+        address=cluster.job_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])})[:1]
+    for name in killed:
+        cluster.kill_node(name)
+    search.join(timeout=900)
+    summary = out.get("summary") or {}
+    assert killed and summary.get("n_trials") == 2 and summary["n_errored"] == 0, (killed, summary)
+    rows = list(csv.DictReader(io.StringIO(RunFolder(uri).read_text("trials.csv"))))
+    assert [int(r["epochs"]) for r in rows] == [2, 2], rows
+    cluster.add_node(killed[0], NODE_CPUS)
+
+
+# IRN on 4 images in batches of 2, 2 epochs, a checkpoint after every step (as tests/test_stage_fault_tolerance.py)
+PSEUDO = ["pseudo.actors=2", "pseudo.scales=[1.0]", "pseudo.flip=false", "pseudo.irn_crop_size=64",
+          "pseudo.irn_epochs=2", "pseudo.irn_batch_size=2", "pseudo.irn_checkpoint_every_steps=1", "pseudo.exp_times=2",
+          "pseudo.overlays=2", "pseudo.max_images=4", "scaling.max_failures=1", "train.threads_per_worker=1"]
+
+
+@pytest.fixture(scope="module")
+def classifier(cluster) -> str:
+    """A checkpoint on S3 of a classifier trained on the cluster."""
+    cfg = load_config(None, _overrides(cluster, "train.epochs=1", "eval.enabled=false"))
+    return run_training(cfg, f"s3://{BUCKET}/mn/classifier")["checkpoint"]
+
+
+def _kill_where(cluster: LocalCluster, class_name: str) -> str:
+    """Kill the node of an alive actor of `class_name` and start a replacement (as the autoscaler would)."""
+    alive = list_actors(address=cluster.job_address, filters=[("class_name", "=", class_name),
+                                                               ("state", "=", "ALIVE")], detail=True)
+    name = sorted(cluster.name_of(a.node_id) for a in alive if a.node_id)[0]
+    cluster.kill_node(name)
+    cluster.add_node(f"{name}-replacement", NODE_CPUS, wait=False)
+    return name
+
+
+def _wait_for(condition, alive, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline and not condition():
+        time.sleep(0.2)
+
+
+def test_the_pseudo_label_job_loses_a_node_in_a_per_image_stage_and_in_irn(cluster, classifier):
+    """A node running a CAM actor is killed once the first CAM files are written, and later the node running IRN's
+    training worker after IRN's first checkpoint: the job completes, every per-image file equals an uninterrupted
+    run's, and IRN ends with the parameters and optimiser state of an uninterrupted IRN."""
+    overrides = dict(parse_overrides(PSEUDO + [f"data.cache_dir={cluster.head.disk / 'home' / 'cache'}"]))
+    cfg = job_config(apply_overrides(Config(), {"pseudo.checkpoint": classifier}), overrides)
+    reference, folder = RunFolder(f"s3://{BUCKET}/mn/pseudo-ref"), RunFolder(f"s3://{BUCKET}/mn/pseudo-lost")
+    run_pseudo_labels(cfg, reference.location)
+    out: dict = {}
+    job = threading.Thread(target=lambda: out.update(summary=run_pseudo_labels(cfg, folder.location)))
+    job.start()
+    _wait_for(lambda: folder.names(pseudo.CAMS), job.is_alive)
+    out["cams_node"] = _kill_where(cluster, "MapWorker(MapBatches(CamStage))") if job.is_alive() else None
+    _wait_for(lambda: folder.sub("irn").latest_checkpoint(), job.is_alive)
+    out["irn_node"] = _kill_where(cluster, "RayTrainWorker") if job.is_alive() else None
+    job.join(timeout=900)
+    assert out.get("summary") and out["cams_node"] and out["irn_node"], out
+    for kind in (pseudo.CAMS, pseudo.CRF, pseudo.IR_LABELS, pseudo.MASKS):
+        names = reference.names(kind)
+        assert names and folder.names(kind) == names, kind
+        for name in names:
+            assert folder.read_bytes(f"{kind}/{name}") == reference.read_bytes(f"{kind}/{name}"), f"{kind}/{name}"
+    resumes = out["summary"]["stages"]["irn"].get("resumes") or []
+    assert resumes, out["summary"]["stages"]["irn"]
+    assert_same_network(folder.sub("irn"), reference.sub("irn"), TOLERANCE)

@@ -37,7 +37,7 @@ from acr.segment.job import run_segment
 from acr.storage import RunFolder
 from acr.train.driver import run_local
 from tests.conftest import REPO, TINY_OVERRIDES
-from tests.faults import run_killed_at_first_checkpoint, run_with_a_worker_killed, s3_uri
+from tests.faults import assert_same_network, run_killed_at_first_checkpoint, run_with_a_worker_killed, s3_uri
 from tests.rayhead import ray_env
 
 pytestmark = [pytest.mark.slow,
@@ -77,24 +77,6 @@ def _segment_args(voc_mini, cache_dir, labels) -> list[str]:
 
 def _segment_config(voc_mini, cache_dir, labels) -> Config:
     return load_config(REPO / "configs/demo.yaml", _segment_args(voc_mini, cache_dir, labels), job="segment")
-
-
-def _assert_same_network(folder: RunFolder, reference: RunFolder) -> float:
-    """The largest difference over the final model and optimiser state of two runs, asserted below TOLERANCE."""
-    got, ref = read_latest(folder), read_latest(reference)
-    assert (got.epoch, got.step_in_epoch) == (ref.epoch, ref.step_in_epoch) == (2, 0)
-    assert got.state["counters"] == ref.state["counters"] and ref.state["counters"]["steps"] == 4
-    assert got.state["optimizer"]["param_groups"] == ref.state["optimizer"]["param_groups"]  # LR schedule position
-    pairs = [(f"model.{k}", got.state["model"][k], v) for k, v in ref.state["model"].items()]
-    pairs += [(f"optimizer {i} {k}", got.state["optimizer"]["state"][i][k], v)
-              for i, s in ref.state["optimizer"]["state"].items() for k, v in s.items()]
-    worst = 0.0
-    for name, a, b in pairs:
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-        assert diff <= TOLERANCE, f"{name} differs by {diff}"
-        worst = max(worst, diff)
-    return worst
 
 
 def _assert_interrupted_twice(scenario: dict) -> None:
@@ -172,7 +154,8 @@ def test_irn_killed_twice_on_s3_ends_as_an_uninterrupted_run(pseudo_runs):
     before_kill = (pseudo_runs["before_kill"]["epoch"], pseudo_runs["before_kill"]["step_in_epoch"])
     assert len(resumes) == 2 and resumes[0] == first and before_kill <= tuple(resumes[1]) < (2, 0), resumes
     assert summary["stages"]["cams"]["kept"] == IMAGES and summary["stages"]["refine"]["kept"] == IMAGES  # kept
-    worst = _assert_same_network(pseudo_runs["folder"].sub("irn"), RunFolder(pseudo_runs["reference"] / "irn"))
+    worst = assert_same_network(pseudo_runs["folder"].sub("irn"), RunFolder(pseudo_runs["reference"] / "irn"),
+                                TOLERANCE)
     print(f"IRN: largest difference from the uninterrupted run: {worst}")
     folder = pseudo_runs["folder"]
     assert len(folder.names(pseudo.MASKS)) == IMAGES
@@ -251,7 +234,8 @@ def test_deeplab_with_its_worker_killed_on_s3_ends_as_an_uninterrupted_run(deepl
     resumes = summary["resumes"]
     assert resumes == read_latest(deeplab_runs["folder"].sub("model")).state["resumes"]
     assert len(resumes) == 1 and before_kill <= tuple(resumes[0]) < (2, 0), resumes
-    worst = _assert_same_network(deeplab_runs["folder"].sub("model"), RunFolder(deeplab_runs["reference"] / "model"))
+    worst = assert_same_network(deeplab_runs["folder"].sub("model"), RunFolder(deeplab_runs["reference"] / "model"),
+                                TOLERANCE)
     print(f"DeepLab: largest difference from the uninterrupted run: {worst}")
     reference = json.loads((deeplab_runs["reference"] / "summary.json").read_text())
     for key in ("val_miou", "val_miou_ms", "val_miou_crf"):

@@ -87,7 +87,8 @@ def stage_inputs(cfg: Config, storage: RunFolder, shards: str) -> Config:
     a place. Call it connected to Ray, after the data checks."""
     if driver_disk_is_shared():
         return cfg
-    require_reachable(cfg, {"--output-dir": storage.location if is_uri(storage.location) else storage.path})
+    require_reachable(cfg, {"--output-dir": storage.location if is_uri(storage.location) else storage.path,
+                            "method.pretrained_reconstructor": cfg.method.pretrained_reconstructor})
     changes = {}
     uri = shards
     if not reachable(cfg, uri):
