@@ -6,8 +6,7 @@ so that it can be killed whole, as a reclaimed spot instance is). Worker nodes r
 (`unshare -m`) in which the other nodes' disks are hidden: a file that the driver writes on the head's disk (its HOME,
 its cache, a relative output folder) does not exist on a worker node, as on a cloud cluster. What every node shares is
 what a cloud cluster shares: the network (an S3 server, the GCS) and the installed code (the repository folder, as
-cluster.yaml's setup commands install it on every node). Each node keeps Ray's temp folder (sockets, logs) on its
-own disk.
+cluster.yaml's setup commands install it on every node). Each node has a temp folder of Ray's own (sockets, logs).
 """
 
 from __future__ import annotations
@@ -56,8 +55,9 @@ def start_worker_node(root: Path, name: str, address: str, cpus: float, resource
     disk, aside = node_disk(root, name), root / "mnt" / name
     aside.mkdir(parents=True, exist_ok=True)
     ports = {flag: free_port() for flag in PORT_FLAGS}
+    temp_dir = tempfile.mkdtemp(prefix="r", dir=root)  # Ray's own, one per node: short (socket paths < 108 bytes)
     ray_cmd = ["ray", "start", f"--address={address}", f"--num-cpus={cpus}", "--block", "--disable-usage-stats",
-               f"--temp-dir={disk / 'ray'}", *[f"--{flag}={port}" for flag, port in ports.items()]]
+               f"--temp-dir={temp_dir}", *[f"--{flag}={port}" for flag, port in ports.items()]]
     if resources:
         ray_cmd.append(f"--resources={json.dumps(resources)}")
     script = " && ".join([f"mount --bind {disk} {aside}", f"mount -t tmpfs tmpfs {root / 'disks'}", f"mkdir -p {disk}",

@@ -41,11 +41,19 @@ def ray_env(**extra) -> dict:
 
 
 def group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (a zombie no one has reaped yet does not count)."""
     try:
         os.killpg(pgid, 0)
-        return True
     except ProcessLookupError:
         return False
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # state, ppid, pgrp
+            return True
+    return False
 
 
 class RayHead:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -27,13 +29,17 @@ from acr.checkpoint import load_state
 from acr.config import Config, ConfigError, apply_overrides, load_config, parse_overrides
 from acr.pseudo.job import job_config, run_pseudo_labels
 from acr.refine import pseudo
+from acr.runtime.session import read_latest
+from acr.segment.job import run_segment
+from acr.segment.train import MODEL_DIR
 from acr.runtime.cluster import init_ray
 from acr.runtime.reach import reachable
 from acr.storage import RunFolder
 from acr.train.driver import run_local, run_training
-from acr.tuning import run_tune
+from acr.tuning import run_tune, trial_limits
 from tests.conftest import REPO, TINY_OVERRIDES
-from tests.faults import BUCKET, S3_CREDENTIALS, assert_same_network, environment, run_with_a_kill, s3_server
+from tests.faults import (BUCKET, S3_CREDENTIALS, assert_same_network, environment, latest_point, run_with_a_kill,
+                          s3_server)
 from tests.multinode import LocalCluster, namespaces_available
 
 pytestmark = [pytest.mark.slow,
@@ -42,6 +48,8 @@ pytestmark = [pytest.mark.slow,
                                         "their own")]
 NODE_CPUS = 4  # logical CPUs of a worker node: a training worker, its data stream and Ray Data's tasks
 TOLERANCE = 1e-7  # as tests/test_fault_tolerance.py: room for summation order only
+# dropout on: the final parameters match only if the RNG state is restored too (tests/test_fault_tolerance.py)
+ACR_FAULTS = ["model.dropout=true", "eval.enabled=false"]
 RUN = ["train.epochs=2", "train.max_steps_per_epoch=2", "train.batch_size=4", "train.checkpoint_every_steps=1",
        "train.keep_checkpoints=2", "train.precision=fp32", "train.threads_per_worker=1", "train.log_every_steps=0"]
 
@@ -96,7 +104,7 @@ def test_training_on_two_nodes_reads_the_standin_and_shards_from_the_run_storage
     assert summary["history_last_epoch"]["epoch"] == 1 and summary["num_images"] == 8, summary
 
 
-def test_a_local_output_folder_is_refused_on_a_cluster(cluster, tmp_path):
+def test_a_local_output_folder_is_refused_on_a_cluster(cluster):
     """A folder on the head's disk: no worker could write its checkpoints there. Refused before any worker starts,
     naming the key; so are a local checkpoint and label folder given to the per-image jobs."""
     cfg = load_config(None, _overrides(cluster))
@@ -104,28 +112,13 @@ def test_a_local_output_folder_is_refused_on_a_cluster(cluster, tmp_path):
         run_training(cfg, cluster.head.disk / "outputs" / "run")
     assert not list_actors(address=cluster.job_address, filters=[("class_name", "=", "RayTrainWorker"),
                                                                    ("state", "=", "ALIVE")])
+    # a trial needing more CPUs than a node has: on one machine the trials at once are counted from its CPUs; on a
+    # cluster that grows as trials ask, they are not bounded by the nodes up at the start
+    big = load_config(None, _overrides(cluster, "scaling.cpus_per_worker=4", "tune.num_samples=3"), job="tune")
+    assert trial_limits(big) == (3, {"CPU": big.tune.trial_cpus})
     shared = load_config(None, _overrides(cluster, f"ray.shared_dirs=[{cluster.head.disk / 'outputs'}]"))
     assert reachable(shared, cluster.head.disk / "outputs" / "run")
     assert not reachable(shared, cluster.head.disk / "home")
-
-
-def test_a_search_on_two_nodes_keeps_its_trials_in_the_search_storage(cluster):
-    """Two concurrent trials, their drivers and workers on the worker nodes: each trial's training run is in the
-    search's folder on S3 (not in Tune's folder on the node of the trial's driver), and the summary's best
-    checkpoint is there and loads."""
-    uri = f"s3://{BUCKET}/mn/search"
-    cfg = load_config(None, _overrides(cluster, "tune.num_samples=2", "tune.max_concurrent=2", "tune.asha=false",
-                                       "tune.select_max_images=8", "train.epochs=1", "eval.enabled=true"),
-                      job="tune")
-    space = REPO / "search_spaces" / "demo.yaml"
-    summary = run_tune(cfg, space, uri)
-    assert summary["n_trials"] == 2 and summary["n_errored"] == 0
-    assert summary["best_checkpoint"].startswith(f"{uri}/trials/{summary['best_trial']}/train/checkpoint_")
-    state = load_state(summary["best_checkpoint"])
-    assert state["epoch"] == 1 and summary["best_cam_miou_reported"] is not None
-    trials = RunFolder(uri).sub("trials")
-    assert len(trials.fs.get_file_info(pafs.FileSelector(trials.path))) == 2
-    assert set(_training_nodes(cluster)) <= {"node1", "node2"}
 
 
 def _final_state(uri: str) -> dict:
@@ -133,16 +126,22 @@ def _final_state(uri: str) -> dict:
     return load_state(folder.location_of(folder.latest_checkpoint()))
 
 
-def test_a_node_lost_mid_epoch_resumes_on_the_other_node_from_s3(cluster, tmp_path):
+@pytest.fixture(scope="module")
+def acr_reference(cluster, tmp_path_factory) -> dict:
+    """The final state of an uninterrupted ACR run of ACR_FAULTS: the same loop and stream in this process."""
+    cfg = load_config(None, _overrides(cluster, *ACR_FAULTS))
+    session = run_local(cfg, tmp_path_factory.mktemp("reference"), storage=RunFolder(f"s3://{BUCKET}/mn/reference"))
+    return load_state(session.last_checkpoint)
+
+
+def test_a_node_lost_mid_epoch_resumes_on_the_other_node_from_s3(cluster, acr_reference):
     """The node running the only training worker is killed (raylet, object store, workers) after the run's first
     checkpoint, mid-epoch; with scaling.max_failures=1 Ray Train starts the group on the remaining node, which
     resumes from that checkpoint on S3; the run ends with the parameters and optimiser state of an uninterrupted
     one. A replacement node joins afterwards, as the autoscaler would start one."""
     uri = f"s3://{BUCKET}/mn/node-lost"
-    extra = ["model.dropout=true", "eval.enabled=false", "scaling.max_failures=1"]
-    cfg = load_config(None, _overrides(cluster, *extra))
-    reference = run_local(cfg, tmp_path / "reference", storage=RunFolder(f"s3://{BUCKET}/mn/reference"))
-    ref = load_state(reference.last_checkpoint)
+    cfg = load_config(None, _overrides(cluster, *ACR_FAULTS, "scaling.max_failures=1"))
+    ref = acr_reference
 
     def kill(out: dict) -> None:
         alive = list_actors(address=cluster.job_address, filters=[("class_name", "=", "RayTrainWorker"),
@@ -154,7 +153,6 @@ def test_a_node_lost_mid_epoch_resumes_on_the_other_node_from_s3(cluster, tmp_pa
     run = run_with_a_kill(lambda: run_training(cfg, uri), RunFolder(uri), None, kill)
     assert "error" not in run, run.get("error")
     assert len(run["killed"]) == 1 and run["killed"][0] in ("node1", "node2"), run["killed"]
-    survivor = {"node1", "node2"} - set(run["killed"])
     state = _final_state(uri)
     summary = json.loads(RunFolder(uri).read_text("summary.json"))
     resumes = [(r["epoch"], r["step_in_epoch"]) for r in summary["resumes"]]
@@ -168,19 +166,20 @@ def test_a_node_lost_mid_epoch_resumes_on_the_other_node_from_s3(cluster, tmp_pa
         for i, s in ref[opt]["state"].items():
             for k, v in s.items():
                 assert torch.allclose(state[opt]["state"][i][k].double(), v.double(), atol=TOLERANCE, rtol=0)
-    assert survivor <= set(_training_nodes(cluster))
     cluster.add_node(run["killed"][0], NODE_CPUS)  # the replacement, for the tests after this one
 
 
-def test_a_search_that_loses_a_node_finishes_its_trials(cluster):
+def test_a_search_on_two_nodes_that_loses_one_finishes_its_trials_in_the_search_storage(cluster):
     """Two trials at once, one on each worker node; one node is killed after the first trial checkpoint. With
     scaling.max_failures=1 the trial that lost its driver or workers is restarted (Tune) or its worker group is
-    (Train), continues its training run from its last checkpoint in the search's storage, and every trial ends with
-    a score for every epoch."""
+    (Train), continues its training run from its last checkpoint, and every trial ends with a score for every epoch.
+    Each trial's training run is in the search's folder on S3 (not in Tune's folder on the node of the trial's
+    driver), and the summary's best checkpoint is there and loads."""
     uri = f"s3://{BUCKET}/mn/search-node-lost"
     cfg = load_config(None, _overrides(cluster, "tune.num_samples=2", "tune.max_concurrent=2", "tune.asha=false",
                                        "tune.select_max_images=8", "train.epochs=2", "scaling.max_failures=1",
-                                       "scaling.cpus_per_worker=2.5"), job="tune")
+                                       # one trial fits a node, with a CPU left for Ray Data's read tasks
+                                       "scaling.cpus_per_worker=2", "data.decode_cpus=0.5"), job="tune")
     out: dict = {}
     search = threading.Thread(target=lambda: out.update(summary=run_tune(cfg, REPO / "search_spaces" / "demo.yaml",
                                                                          uri)))
@@ -199,6 +198,9 @@ def test_a_search_that_loses_a_node_finishes_its_trials(cluster):
     assert killed and summary.get("n_trials") == 2 and summary["n_errored"] == 0, (killed, summary)
     rows = list(csv.DictReader(io.StringIO(RunFolder(uri).read_text("trials.csv"))))
     assert [int(r["epochs"]) for r in rows] == [2, 2], rows
+    assert summary["best_checkpoint"].startswith(f"{uri}/trials/{summary['best_trial']}/train/checkpoint_")
+    assert load_state(summary["best_checkpoint"])["epoch"] == 2 and summary["best_cam_miou_reported"] is not None
+    assert len(trials.fs.get_file_info(pafs.FileSelector(trials.path))) == 2
     cluster.add_node(killed[0], NODE_CPUS)
 
 
@@ -231,14 +233,30 @@ def _wait_for(condition, alive, timeout: float = 600) -> None:
         time.sleep(0.2)
 
 
-def test_the_pseudo_label_job_loses_a_node_in_a_per_image_stage_and_in_irn(cluster, classifier):
+@pytest.fixture(scope="module")
+def pseudo_reference(cluster, classifier) -> tuple:
+    """The pseudo-label job's config and the folder of its uninterrupted run on the cluster."""
+    overrides = dict(parse_overrides(PSEUDO + [f"data.cache_dir={cluster.head.disk / 'home' / 'cache'}"]))
+    cfg = job_config(apply_overrides(Config(), {"pseudo.checkpoint": classifier}), overrides)
+    reference = RunFolder(f"s3://{BUCKET}/mn/pseudo-ref")
+    run_pseudo_labels(cfg, reference.location)
+    return cfg, reference
+
+
+def _same_files(folder: RunFolder, reference: RunFolder, kinds) -> None:
+    for kind in kinds:
+        names = reference.names(kind)
+        assert names and folder.names(kind) == names, kind
+        for name in names:
+            assert folder.read_bytes(f"{kind}/{name}") == reference.read_bytes(f"{kind}/{name}"), f"{kind}/{name}"
+
+
+def test_the_pseudo_label_job_loses_a_node_in_a_per_image_stage_and_in_irn(cluster, pseudo_reference):
     """A node running a CAM actor is killed once the first CAM files are written, and later the node running IRN's
     training worker after IRN's first checkpoint: the job completes, every per-image file equals an uninterrupted
     run's, and IRN ends with the parameters and optimiser state of an uninterrupted IRN."""
-    overrides = dict(parse_overrides(PSEUDO + [f"data.cache_dir={cluster.head.disk / 'home' / 'cache'}"]))
-    cfg = job_config(apply_overrides(Config(), {"pseudo.checkpoint": classifier}), overrides)
-    reference, folder = RunFolder(f"s3://{BUCKET}/mn/pseudo-ref"), RunFolder(f"s3://{BUCKET}/mn/pseudo-lost")
-    run_pseudo_labels(cfg, reference.location)
+    cfg, reference = pseudo_reference
+    folder = RunFolder(f"s3://{BUCKET}/mn/pseudo-lost")
     out: dict = {}
     job = threading.Thread(target=lambda: out.update(summary=run_pseudo_labels(cfg, folder.location)))
     job.start()
@@ -248,11 +266,73 @@ def test_the_pseudo_label_job_loses_a_node_in_a_per_image_stage_and_in_irn(clust
     out["irn_node"] = _kill_where(cluster, "RayTrainWorker") if job.is_alive() else None
     job.join(timeout=900)
     assert out.get("summary") and out["cams_node"] and out["irn_node"], out
-    for kind in (pseudo.CAMS, pseudo.CRF, pseudo.IR_LABELS, pseudo.MASKS):
-        names = reference.names(kind)
-        assert names and folder.names(kind) == names, kind
-        for name in names:
-            assert folder.read_bytes(f"{kind}/{name}") == reference.read_bytes(f"{kind}/{name}"), f"{kind}/{name}"
+    _same_files(folder, reference, (pseudo.CAMS, pseudo.CRF, pseudo.IR_LABELS, pseudo.MASKS))
     resumes = out["summary"]["stages"]["irn"].get("resumes") or []
     assert resumes, out["summary"]["stages"]["irn"]
     assert_same_network(folder.sub("irn"), reference.sub("irn"), TOLERANCE)
+
+
+# DeepLab on the 4 labelled images: 2 epochs of 2 steps of 2 images, a checkpoint after every step; 4 val images
+SEGMENT = ["segment.backbone=resnet18", "segment.output_stride=16", "segment.epochs=2", "segment.max_images=4",
+           "segment.max_val_images=4", "segment.batch_size=2", "segment.crop_size=64", "segment.eval_scales=[1.0]",
+           "segment.eval_flip=false", "segment.actors=2", "segment.overlays=2", "segment.checkpoint_every_steps=1",
+           "segment.pretrained=null", "scaling.max_failures=1", "train.threads_per_worker=1"]
+
+
+def test_deeplab_loses_a_node_and_ends_as_an_uninterrupted_run(cluster, pseudo_reference):
+    """DeepLab on the pseudo-labels on S3; the node of its training worker is killed after its first checkpoint: the
+    group restarts on another node from that checkpoint, the network ends as an uninterrupted run's, and the
+    predictions (per-image files of actors on both nodes) are the same files."""
+    _, labels = pseudo_reference
+    cfg = load_config(None, _overrides(cluster, f"segment.labels={labels.location}", *SEGMENT), job="segment")
+    reference, folder = RunFolder(f"s3://{BUCKET}/mn/deeplab-ref"), RunFolder(f"s3://{BUCKET}/mn/deeplab-lost")
+    ref_summary = run_segment(cfg, reference.location)
+    out: dict = {}
+    job = threading.Thread(target=lambda: out.update(summary=run_segment(cfg, folder.location)))
+    job.start()
+    _wait_for(lambda: folder.sub(MODEL_DIR).latest_checkpoint(), job.is_alive)
+    out["node"] = _kill_where(cluster, "RayTrainWorker") if job.is_alive() else None
+    job.join(timeout=900)
+    assert out.get("summary") and out["node"], out
+    assert_same_network(folder.sub(MODEL_DIR), reference.sub(MODEL_DIR), TOLERANCE)
+    assert read_latest(folder.sub(MODEL_DIR)).state["resumes"]
+    assert out["summary"]["val_miou"] == ref_summary["val_miou"]
+
+
+def test_the_whole_cluster_replaced_and_the_job_resubmitted_resumes_from_s3(cluster, acr_reference, tmp_path):
+    """train.py run on the cluster as `ray job submit` runs it (its driver on the head), and the whole cluster
+    stopped (the head and every node, the driver with them) after the run's first checkpoint; on a new cluster the
+    same command resumes from that checkpoint on S3 and ends as an uninterrupted run. Last in this module: it stops
+    the module's cluster."""
+    uri, extra, reference = f"s3://{BUCKET}/mn/cluster-replaced", ACR_FAULTS, acr_reference
+    ray.shutdown()  # this process's connection: a driver whose cluster dies is ended by Ray
+
+    def command(c: LocalCluster) -> list[str]:
+        return [sys.executable, "ray_jobs/train.py", "--output-dir", uri, *_overrides(c, *extra)]
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(command(cluster), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        _wait_for(lambda: RunFolder(uri).latest_checkpoint(), lambda: proc.poll() is None)
+        cluster.stop()
+        proc.kill()
+        proc.wait()
+    first = latest_point(RunFolder(uri))  # the checkpoint the stopped run recorded last
+    assert first and (first["epoch"], first["step_in_epoch"]) < (2, 0), (tmp_path / "first.log").read_text()[-3000:]
+    new = LocalCluster(head_cpus=0, env=cluster.env)
+    try:
+        for name in ("node1", "node2"):
+            new.add_node(name, NODE_CPUS, wait=False)
+        rerun = subprocess.run(command(new), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        new.stop()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(RunFolder(uri).read_text("summary.json"))
+    resumes = [(r["epoch"], r["step_in_epoch"]) for r in summary["resumes"]]
+    assert resumes == [(first["epoch"], first["step_in_epoch"])], resumes
+    state = _final_state(uri)
+    assert state["counters"] == reference["counters"]
+    worst = max(float((state[net][k].double() - v.double()).abs().max())
+                for net in ("classifier", "reconstructor") for k, v in reference[net].items() if v.is_floating_point())
+    assert worst <= TOLERANCE, worst
