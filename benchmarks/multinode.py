@@ -91,8 +91,7 @@ def recovery(cluster: LocalCluster, steps: int) -> dict:
 
 def measure(steps: int, images: int) -> dict:
     with s3_server() as endpoint:
-        env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{endpoint}", "AWS_DEFAULT_REGION": "us-east-1",
-               "RAY_AUTH_MODE": "disabled"}
+        env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{endpoint}", "AWS_DEFAULT_REGION": "us-east-1"}
         with environment(env):
             cluster = LocalCluster(head_cpus=0, env=env)
             try:

@@ -11,6 +11,7 @@ cluster.yaml's setup commands install it on every node). Each node has a temp fo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -44,9 +45,21 @@ def node_disk(root: Path, name: str) -> Path:
     return disk
 
 
+@functools.cache
+def auth_token() -> str:
+    """This user's Ray token (~/.ray/auth_token, made if absent): the cluster's nodes, whose HOME is elsewhere, get
+    it in RAY_AUTH_TOKEN, so that this process (whose Ray settings are fixed once per process) and every job
+    client talk to them with token authentication, as to any other Ray started here."""
+    out = subprocess.run(["ray", "get-auth-token", "--generate"], env=ray_env(), capture_output=True, text=True,
+                         check=True, timeout=60)
+    return out.stdout.strip().splitlines()[-1]
+
+
 def node_env(disk: Path, env: dict) -> dict:
-    """A node's environment: `env` over this process's, HOME and TMPDIR on the node's disk."""
-    return ray_env(**{"RAY_AUTH_MODE": "disabled", **env, "HOME": str(disk / "home"), "TMPDIR": str(disk / "tmp")})
+    """A node's environment: `env` over this process's, HOME and TMPDIR on the node's disk, token authentication."""
+    token = env.get("RAY_AUTH_TOKEN") or auth_token()  # given: a node the autoscaler starts (HOME elsewhere)
+    return ray_env(**{"RAY_AUTH_MODE": "token", **env, "RAY_AUTH_TOKEN": token, "HOME": str(disk / "home"),
+                      "TMPDIR": str(disk / "tmp")})
 
 
 def start_worker_node(root: Path, name: str, address: str, cpus: float, resources: dict | None, env: dict) -> "Node":
@@ -200,7 +213,8 @@ def autoscaling_cluster(node_types: dict, env: dict, idle_timeout_minutes: float
         "idle_timeout_minutes": idle_timeout_minutes, "head_node_type": "ray.head.default",
         "provider": {"type": "external", "module": f"{NamespaceNodeProvider.__module__}.NamespaceNodeProvider",
                      "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True,
-                     "gcs_address": f"127.0.0.1:{port}", "root": str(root), "env": env},
+                     "gcs_address": f"127.0.0.1:{port}", "root": str(root),
+                     "env": {**env, "RAY_AUTH_TOKEN": auth_token()}},
         "available_node_types": {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
                                  **{name: {"node_config": {}, **t} for name, t in node_types.items()}},
         "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "rsync_exclude": [],

@@ -105,6 +105,7 @@ def autoscaler_events(cluster) -> list[str]:
 def rehearse(keep_going: bool) -> int:
     failed, done = 0, 0
     with s3_server() as endpoint:
+        # a process of its own: its cluster and job clients without token authentication
         env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{endpoint}", "AWS_DEFAULT_REGION": "us-east-1",
                "RAY_AUTH_MODE": "disabled"}
         with environment(env):
