@@ -111,6 +111,14 @@ def _start_released_step(session) -> None:
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
+def wait_for_released_step(timeout: float = 3600) -> None:
+    """Wait for the background float64 run to end: it holds up to 15 GiB at its peak, which a test starting several
+    Ray nodes on this machine cannot share (Ray's memory monitor would kill that test's workers)."""
+    proc = RELEASED_STEP_RUN.get("proc")
+    if proc is not None:
+        proc.wait(timeout=timeout)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if "head" in BYSTANDER:
         BYSTANDER.pop("head").stop()
