@@ -28,6 +28,7 @@ from acr.models.backbones import build_backbone
 from acr.refine import pseudo
 from acr.refine.irn import IRNet, affinity_labels, boundary_loss, path_affinity, path_offsets
 from acr.runtime.logs import setup_logging
+from acr.runtime.collectives import batch_denominator
 from acr.runtime.loop import LoopPlan, epoch_datasets, train_epochs
 from acr.runtime.session import RaySession, read_latest, resume_point, set_worker_threads
 from acr.runtime.stages import ImageFiles, epoch_order, positions, rows_of
@@ -81,7 +82,8 @@ def irn_worker(config: dict) -> None:
 
     def loss_fn(model, batch):
         edge = model(batch["image"])
-        return boundary_loss(path_affinity(edge, offsets), *affinity_labels(batch["label"].long(), offsets))
+        return boundary_loss(path_affinity(edge, offsets), *affinity_labels(batch["label"].long(), offsets),
+                             denominator=batch_denominator)
 
     train_epochs(session, irn.boundary_branch(), session.prepare(irn), opt, loss_fn, LoopPlan(**config["plan"]))
 
@@ -107,16 +109,16 @@ def train_irn(cfg: Config, job: RunFolder, ckpt: str, shards: tuple, total: int,
     if start[0] >= ps.irn_epochs:
         state = read_latest(folder).state
         return {"kept": True, "history": state["history"], "resumes": state.get("resumes", [])}
-    plan = irn_plan(cfg, total, start)
+    plan, workers = irn_plan(cfg, total, start), stage_workers(cfg, "irn")
     files = ImageFiles(job, pseudo.SUFFIXES)
     datasets = epoch_datasets(plan, lambda e, first: positions(plan.steps_per_epoch * plan.batch_size - first)
                               .map_batches(irn_samples, batch_size=8, num_cpus=ps.actor_cpus, fn_kwargs=dict(
                                   files=files, crop=ps.irn_crop_size, resize_range=ps.irn_resize_range,
                                   seed=cfg.train.seed, epoch=e, first_row=first, total=total, shards=shards,
-                                  where=where)))
+                                  where=where)), workers)
     t0 = time.perf_counter()
     loop_config = {"config": to_dict(cfg), "checkpoint": ckpt, "plan": asdict(plan)}
-    fit(build_trainer(irn_worker, loop_config, folder, datasets, cfg, stage_workers(cfg, "irn")))
+    fit(build_trainer(irn_worker, loop_config, folder, datasets, cfg, workers))
     state = read_latest(folder).state
     return {"kept": False, "resumed_from": list(start) if start != (0, 0) else None, "history": state["history"],
             "resumes": state.get("resumes", []), "seconds": round(time.perf_counter() - t0, 2)}

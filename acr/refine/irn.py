@@ -16,7 +16,7 @@ result, O(N D) memory instead of O(N^2)).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import warnings
 
@@ -106,15 +106,18 @@ def affinity_labels(label: Tensor, offsets: Offsets) -> tuple[Tensor, Tensor, Te
     return tuple(torch.stack(m, 1).float() for m in (bg, fg, neg))
 
 
-def boundary_loss(affinity: Tensor, bg_pos: Tensor, fg_pos: Tensor, neg: Tensor, eps: float = 1e-5) -> Tensor:
+def boundary_loss(affinity: Tensor, bg_pos: Tensor, fg_pos: Tensor, neg: Tensor, eps: float = 1e-5,
+                  denominator: Callable[[Tensor, float], Tensor] | None = None) -> Tensor:
     """The class boundary loss, IRN section 3.3 (Eq. (7)-(8)), as step/train_irn.py computes it: pos = -log(a + eps),
     neg = -log(1 + eps - a); L_bg, L_fg, L_neg the means of pos over bg_pos, pos over fg_pos, neg over neg (sum / (count
-    + eps)); loss = (L_bg / 2 + L_fg / 2 + L_neg) / 2."""
+    + eps)); loss = (L_bg / 2 + L_fg / 2 + L_neg) / 2. `denominator(count, eps)` (default count + eps) lets a worker
+    of several divide by the global batch's count instead (acr.runtime.collectives.batch_denominator)."""
+    share = denominator or (lambda count, e: count + e)
     pos_term = -torch.log(affinity + eps)
     neg_term = -torch.log(1.0 + eps - affinity)
-    l_bg = (bg_pos * pos_term).sum() / (bg_pos.sum() + eps)
-    l_fg = (fg_pos * pos_term).sum() / (fg_pos.sum() + eps)
-    l_neg = (neg * neg_term).sum() / (neg.sum() + eps)
+    l_bg = (bg_pos * pos_term).sum() / share(bg_pos.sum(), eps)
+    l_fg = (fg_pos * pos_term).sum() / share(fg_pos.sum(), eps)
+    l_neg = (neg * neg_term).sum() / share(neg.sum(), eps)
     return (l_bg / 2 + l_fg / 2 + l_neg) / 2
 
 

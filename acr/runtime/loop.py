@@ -60,11 +60,14 @@ class LoopState:
     resumes: list = field(default_factory=list)  # [epoch, step] of every checkpoint a worker group restarted from
 
 
-def epoch_datasets(plan: LoopPlan, make_epoch: Callable[[int, int], object]) -> dict:
+def epoch_datasets(plan: LoopPlan, make_epoch: Callable[[int, int], object], workers: int) -> dict:
     """{"epoch<e>": make_epoch(e, first_row)} for every epoch from the plan's start; the first starts at row
-    start_step * batch_size of its epoch's order."""
+    start_step * batch_size of its epoch's order. Cut into blocks of exactly batch_size / workers rows, in order:
+    Ray Train hands them to the workers in turn, so global batch k is the epoch's rows kB..kB+B-1 for any number of
+    workers (acr.data.ingest does the same for ACR)."""
     e0, s0 = plan.start
-    return {f"epoch{e}": make_epoch(e, s0 * plan.batch_size if e == e0 else 0) for e in range(e0, plan.epochs)}
+    return {f"epoch{e}": make_epoch(e, s0 * plan.batch_size if e == e0 else 0).repartition(
+        target_num_rows_per_block=plan.batch_size // workers, strict=True) for e in range(e0, plan.epochs)}
 
 
 def restore_into(session: Session, model: nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -23,6 +24,7 @@ from acr.method.step import autocast_context
 from acr.models.deeplab import DeepLab, build_deeplab
 from acr.refine import pseudo
 from acr.runtime.logs import setup_logging
+from acr.runtime.collectives import batch_denominator
 from acr.runtime.loop import LoopPlan, epoch_datasets, train_epochs
 from acr.runtime.session import RaySession, read_latest, resume_point, set_worker_threads
 from acr.runtime.stages import epoch_order, positions, rows_of
@@ -33,10 +35,13 @@ GT = "gt"  # segment.labels=gt: the split's ground-truth masks
 MODEL_DIR = "model"
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Pixel cross-entropy over the labelled pixels (255 ignored); 0 for a batch without any."""
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor,
+                      denominator: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """Pixel cross-entropy over the labelled pixels (255 ignored); 0 for a batch without any. `denominator(count,
+    at_least=1)` lets a worker of several divide by the global batch's count (collectives.batch_denominator)."""
     total = F.cross_entropy(logits.float(), labels.long(), ignore_index=255, reduction="sum")
-    return total / (labels != 255).sum().clamp(min=1)
+    count = (labels != 255).sum()
+    return total / (denominator(count, at_least=1) if denominator else count.clamp(min=1))
 
 
 def read_label(labels: str, rec: dict, raw_shape: tuple, n_classes: int, where: str) -> np.ndarray:
@@ -92,7 +97,7 @@ def segment_worker(config: dict) -> None:
     def loss_fn(ddp, batch):
         with autocast_context(session.device, cfg.train.precision):
             logits = ddp(batch["image"])
-        return segmentation_loss(logits, batch["label"])
+        return segmentation_loss(logits, batch["label"], batch_denominator)
 
     train_epochs(session, model, session.prepare(model), opt, loss_fn, LoopPlan(**config["plan"]),
                  extra_state={"config": config["config"]})
@@ -116,15 +121,15 @@ def train_deeplab(cfg: Config, job: RunFolder, labels: str, shards: tuple, total
     start = resume_point(folder)
     if start[0] >= sg.epochs:
         return {"kept": True, "epochs": start[0]}
-    plan = segment_plan(cfg, total, start)
+    plan, workers = segment_plan(cfg, total, start), stage_workers(cfg, "segment")
     datasets = epoch_datasets(plan, lambda e, first: positions(plan.steps_per_epoch * plan.batch_size - first)
                               .map_batches(segment_samples, batch_size=8, num_cpus=sg.actor_cpus, fn_kwargs=dict(
                                   labels=labels, crop=sg.crop_size, scale_range=sg.scale_range, flip=sg.flip,
                                   seed=cfg.train.seed, epoch=e, first_row=first, total=total,
-                                  n_classes=num_classes(cfg), shards=shards, where=where)))
+                                  n_classes=num_classes(cfg), shards=shards, where=where)), workers)
     t0 = time.perf_counter()
     loop_config = {"config": to_dict(cfg), "init_backbone": init, "plan": asdict(plan)}
-    fit(build_trainer(segment_worker, loop_config, folder, datasets, cfg, stage_workers(cfg, "segment")))
+    fit(build_trainer(segment_worker, loop_config, folder, datasets, cfg, workers))
     return {"kept": False, "epochs": sg.epochs - start[0], "resumed_from": list(start) if start != (0, 0) else None,
             "steps_per_epoch": plan.steps_per_epoch, "seconds": round(time.perf_counter() - t0, 2)}
 
