@@ -80,6 +80,14 @@ TINY_OVERRIDES = [
 ]
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The multi-node tests run after the others (before tests/test_zz_other_ray_survives.py): by then the background
+    float64 run of the released step, which they wait for (its memory), has ended."""
+    late = [i for i in items if i.nodeid.startswith("tests/test_multinode.py")]
+    last = [i for i in items if i.nodeid.startswith("tests/test_zz_")]
+    items[:] = [i for i in items if i not in late and i not in last] + late + last
+
+
 # A Ray instance the suite did not start and must leave running ("outside the suite"): started by .ci/run before
 # `make test` (its process group in ACR_BYSTANDER_RAY_PGID), else here once the test that checks it is collected.
 # tests/test_zz_other_ray_survives.py (collected last) checks that it is still alive after every other test.

@@ -55,6 +55,11 @@ def auth_token() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+# The GCS marks a node dead after 5 failed health checks 1 s apart (Ray's default: 3 s apart); a killed raylet
+# refuses each at once, a busy one has 5 s to answer each.
+NODE_LOSS_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "5000"}
+
+
 def node_env(disk: Path, env: dict) -> dict:
     """A node's environment: `env` over this process's, HOME and TMPDIR on the node's disk, token authentication."""
     token = env.get("RAY_AUTH_TOKEN") or auth_token()  # given: a node the autoscaler starts (HOME elsewhere)
@@ -108,8 +113,8 @@ class LocalCluster:
         self.nodes: dict[str, Node] = {}  # the worker nodes this cluster started that still run
         self.started: list[Node] = []  # every node it started, killed or not
         head = node_disk(self.root, "head")
-        self.head_ray = RayHead(head_cpus, dashboard=dashboard, env=node_env(head, self.env), cwd=head,
-                                extra_args=extra_args, port=port)
+        self.head_ray = RayHead(head_cpus, dashboard=dashboard, env={**node_env(head, self.env), **NODE_LOSS_DETECTION},
+                                cwd=head, extra_args=extra_args, port=port)
         self.head = Node("head", self.head_ray.pgid, head, {"CPU": head_cpus}, self.head_ray.manager_port)
 
     @property

@@ -25,18 +25,17 @@ import yaml
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
 from acr.storage import RunFolder
+from tests.conftest import TINY_OVERRIDES
 from tests.faults import BUCKET, S3_CREDENTIALS, environment, s3_server
 from tests.multinode import autoscaling_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 # What each instance type of cluster.yaml has: CPUs, and GPUs (as the custom resource acr_gpu: no GPU here).
 INSTANCES = {"g5.xlarge": (4, 1), "g5.12xlarge": (48, 4)}
-TINY = ["model.backbone=resnet18", "model.output_stride=16", "model.encoder_tap_channels=[8,8,16]",
-        "model.decoder_depth=6", "model.decoder_width=8", "augment.crop_size=64", "augment.resize_mode=scale",
-        "augment.resize_range=[0.4,0.6]", "method.srf.grid_size=8", "synthetic.image_size=128",
-        "synthetic.train_images=24", "synthetic.val_images=8", "eval.scales=[1.0]", "eval.overlays=2",
-        "model.bn_calibration_images=8", "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4",
-        "train.log_every_steps=0", "train.precision=fp32"]
+# The suite's tiny model and dataset, with the default weights (the stand-in, made on the head) and short runs.
+TINY = [o for o in TINY_OVERRIDES if not o.startswith("model.pretrained=")] + [
+    "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4", "train.log_every_steps=0",
+    "train.precision=fp32"]
 PSEUDO = ["pseudo.actors=2", "pseudo.scales=[1.0]", "pseudo.flip=false", "pseudo.irn_crop_size=64",
           "pseudo.irn_epochs=1", "pseudo.irn_batch_size=8", "pseudo.exp_times=4", "pseudo.overlays=2",
           "pseudo.max_images=8"]

@@ -30,7 +30,9 @@ INPUTS = "inputs"
 
 def driver_disk_is_shared() -> bool:
     """Whether every worker of the connected Ray reads this machine's files: the cluster is this one node, with CPUs
-    for the workers (a head without them, as cluster.yaml's, runs its workers on nodes still to come)."""
+    for the workers (a head without them, as cluster.yaml's, runs its workers on nodes still to come). A head with CPUs
+    whose autoscaler has started no worker node yet counts as one machine: there, name an s3:// output or set
+    ray.shared_dirs."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
     me = ray.get_runtime_context().get_node_id()
     return len(nodes) == 1 and nodes[0]["NodeID"] == me and nodes[0]["Resources"].get("CPU", 0) > 0
