@@ -11,6 +11,7 @@ cluster.yaml's setup commands install it on every node). Each node has a temp fo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -53,6 +54,17 @@ def auth_token() -> str:
     out = subprocess.run(["ray", "get-auth-token", "--generate"], env=ray_env(), capture_output=True, text=True,
                          check=True, timeout=60)
     return out.stdout.strip().splitlines()[-1]
+
+
+@contextlib.contextmanager
+def token_auth(env: dict):
+    """`env` and token authentication in this process, for the block: the mode every Ray of the suite uses. Ray caches
+    the mode in its process-wide config, which ray.init refreshes only when it starts a Ray: refreshed here."""
+    from tests.faults import environment
+
+    with environment({**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token()}):
+        ray._raylet.Config.initialize("")
+        yield
 
 
 # The GCS marks a node dead after 5 failed health checks 1 s apart (Ray's default: 3 s apart); a killed raylet

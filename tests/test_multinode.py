@@ -38,9 +38,9 @@ from acr.storage import RunFolder
 from acr.train.driver import run_local, run_training
 from acr.tuning import run_tune, trial_limits
 from tests.conftest import REPO, TINY_OVERRIDES, wait_for_released_step
-from tests.faults import (BUCKET, S3_CREDENTIALS, assert_same_network, environment, latest_point, run_with_a_kill,
+from tests.faults import (BUCKET, S3_CREDENTIALS, assert_same_network, latest_point, run_with_a_kill,
                           s3_server)
-from tests.multinode import LocalCluster, auth_token, namespaces_available
+from tests.multinode import LocalCluster, namespaces_available, token_auth
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux") or not namespaces_available(),
@@ -61,10 +61,7 @@ def cluster():
     wait_for_released_step()  # three Ray nodes and the float64 run's 15 GiB do not fit this machine's memory together
     with s3_server() as endpoint:
         env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{endpoint}", "AWS_DEFAULT_REGION": "us-east-1"}
-        # token authentication, as every Ray of the suite; Ray caches the mode in its process-wide config, which
-        # ray.init refreshes only when it starts a Ray (as the suite's local ones): refreshed here when run alone
-        with environment({**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token()}):
-            ray._raylet.Config.initialize("")
+        with token_auth(env):
             c = LocalCluster(head_cpus=0, env=env)
             try:
                 for name in ("node1", "node2"):
