@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -39,6 +40,7 @@ from acr.runtime.session import resume_point
 from acr.storage import RunFolder
 from acr.train.driver import prepare_run, resolve_pretrained, training_trainer
 from acr.train.evaluate import evaluate_split
+from acr.train.worker import EVAL_FILE, HISTORY_FILE
 from acr.viz import save_trial_plots
 
 log = logging.getLogger(__name__)
@@ -203,6 +205,21 @@ def study_file(out: RunFolder) -> Path:
     return path
 
 
+def run_scores(out: RunFolder, trial: str) -> list[float]:
+    """A trial's score after each epoch, from its own training run (history.json and eval.json of its latest
+    checkpoint): Tune's record of a trial it restarted (its node lost) holds only the epochs after the restart."""
+    run = trial_folder(out, trial).sub("train")
+    latest = run.latest_checkpoint()
+    if latest is None:
+        return []
+    checkpoint = RunFolder(run.location_of(latest))
+    epochs = json.loads(checkpoint.read_text(HISTORY_FILE)).get("epochs", []) if checkpoint.exists(HISTORY_FILE) else []
+    scores = [float(e[METRIC]) for e in epochs if e.get(METRIC) is not None]
+    if checkpoint.exists(EVAL_FILE):
+        scores.append(float(json.loads(checkpoint.read_text(EVAL_FILE))[METRIC]))
+    return scores
+
+
 def write_outputs(cfg: Config, base: Config, space: dict, results, out: RunFolder, storage: str) -> dict:
     rows, curves = [], {}
     for r in results:
@@ -210,6 +227,7 @@ def write_outputs(cfg: Config, base: Config, space: dict, results, out: RunFolde
         hist = r.metrics_dataframe
         scores = [] if hist is None or METRIC not in hist else [float(v) for v in hist[METRIC] if not math.isnan(v)]
         trial_id = Path(r.path).name
+        scores = max(scores, run_scores(out, trial_id), key=len)  # the longer record: the run's after a restart
         curves[trial_id] = scores
         last = r.metrics or {}
         rows.append({"trial": trial_id, "status": "error" if r.error else "done", "epochs": len(scores),

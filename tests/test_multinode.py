@@ -198,10 +198,11 @@ def test_a_search_on_two_nodes_that_loses_one_finishes_its_trials_in_the_search_
     assert killed and summary.get("n_trials") == 2 and summary["n_errored"] == 0, (killed, summary)
     rows = list(csv.DictReader(io.StringIO(RunFolder(uri).read_text("trials.csv"))))
     assert [r["status"] for r in rows] == ["done", "done"], rows
-    # every trial's training run reached its end; a trial Tune restarted (its driver's node lost) has in Tune's
-    # record only the epochs after its restart, so trials.csv counts it as stopped early
+    # every trial's training run reached its end, and trials.csv has its score after every epoch, also for a trial
+    # that Tune restarted (its driver's node lost), whose record in Tune starts at the restart
     for r in rows:
         assert latest_point(trials.sub(f"{r['trial']}/train")) == {"epoch": 2, "step_in_epoch": 0}, r
+        assert (r["epochs"], r["stopped_early"]) == ("2", "False"), r
     assert summary["best_checkpoint"].startswith(f"{uri}/trials/{summary['best_trial']}/train/checkpoint_")
     assert load_state(summary["best_checkpoint"])["epoch"] == 2 and summary["best_cam_miou_reported"] is not None
     assert len(trials.fs.get_file_info(pafs.FileSelector(trials.path))) == 2
