@@ -81,11 +81,13 @@ TINY_OVERRIDES = [
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The multi-node tests run after the others (before tests/test_zz_other_ray_survives.py): by then the background
-    float64 run of the released step, which they wait for (its memory), has ended."""
+    """The released step's test runs first: it waits for its float64 run (up to 15 GiB), which no Ray test may
+    overlap (Ray's memory monitor kills their workers on this 24 GiB machine). The multi-node tests run last, before
+    tests/test_zz_other_ray_survives.py."""
+    first = [i for i in items if i.nodeid.startswith("tests/test_released_step.py")]
     late = [i for i in items if i.nodeid.startswith("tests/test_multinode.py")]
     last = [i for i in items if i.nodeid.startswith("tests/test_zz_")]
-    items[:] = [i for i in items if i not in late and i not in last] + late + last
+    items[:] = first + [i for i in items if i not in first + late + last] + late + last
 
 
 # A Ray instance the suite did not start and must leave running ("outside the suite"): started by .ci/run before

@@ -152,9 +152,9 @@ def compare(losses, changes) -> list[str]:
 
 @pytest.mark.slow
 def test_two_iterations_reproduce_the_released_step():
-    """The two iterations run in a process of their own, started by tests/conftest.py when this test is collected, at
-    the lowest priority: five CPU-minutes of float64 that fill the cores' idle time while the Ray tests wait on
-    their clusters; this test waits for their numbers (`python -m tests.test_released_step --out FILE`)."""
+    """The two iterations run in a process of their own, started by tests/conftest.py when this test is collected
+    (`python -m tests.test_released_step --out FILE`); this test, the suite's first, waits for their numbers, so that
+    no Ray test shares the machine's memory with them."""
     run = RELEASED_STEP_RUN.get("proc")
     if run is None:  # not started in the background (collected another way): run it here
         losses, changes = run_released_workload()
