@@ -27,8 +27,8 @@ from acr.errors import CheckpointError, ConfigError
 from acr.models.backbones import build_backbone
 from acr.refine import pseudo
 from acr.refine.irn import IRNet, affinity_labels, boundary_loss, path_affinity, path_offsets
-from acr.runtime.logs import setup_logging
 from acr.runtime.collectives import batch_denominator
+from acr.runtime.logs import setup_logging
 from acr.runtime.loop import LoopPlan, epoch_datasets, train_epochs
 from acr.runtime.session import RaySession, read_latest, resume_point, set_worker_threads
 from acr.runtime.stages import ImageFiles, epoch_order, positions, rows_of

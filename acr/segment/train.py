@@ -23,8 +23,8 @@ from acr.errors import CheckpointError, ConfigError, DataError
 from acr.method.step import autocast_context
 from acr.models.deeplab import DeepLab, build_deeplab
 from acr.refine import pseudo
-from acr.runtime.logs import setup_logging
 from acr.runtime.collectives import batch_denominator
+from acr.runtime.logs import setup_logging
 from acr.runtime.loop import LoopPlan, epoch_datasets, train_epochs
 from acr.runtime.session import RaySession, read_latest, resume_point, set_worker_threads
 from acr.runtime.stages import epoch_order, positions, rows_of
