@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import torch
 
 from acr.runtime.session import read_latest
 from acr.storage import RunFolder
@@ -218,3 +219,44 @@ def assert_same_network(folder: RunFolder, reference: RunFolder, tolerance: floa
         assert diff <= tolerance, f"{name} differs by {diff}"
         worst = max(worst, diff)
     return worst
+
+
+def assert_same_acr_state(state: dict, ref: dict, tolerance: float) -> float:
+    """The largest difference over both ACR networks and both optimisers' states of two fp32 runs of 2 epochs,
+    asserted below `tolerance`; the step counters, LR schedule position and torch RNG state equal."""
+    assert state["counters"] == ref["counters"]
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 0)
+    pairs = [(f"{net}.{k}", state[net][k], v) for net in ("classifier", "reconstructor") for k, v in ref[net].items()]
+    for opt in ("opt_cls", "opt_rec"):
+        assert state[opt]["param_groups"] == ref[opt]["param_groups"]  # LR schedule position
+        pairs += [(f"{opt} {i} {k}", state[opt]["state"][i][k], v) for i, s in ref[opt]["state"].items()
+                  for k, v in s.items()]
+    worst = 0.0
+    for name, a, b in pairs:
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert b.dtype == torch.float32 or not b.is_floating_point(), name  # train.precision=fp32 throughout
+        diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        assert diff <= tolerance, f"{name} differs by {diff}"
+        worst = max(worst, diff)
+    assert len(state["torch_rng"]) == 1 and torch.equal(state["torch_rng"][0], ref["torch_rng"][0])
+    return worst
+
+
+def assert_history_complete(folder: RunFolder, steps: list[tuple[int, int]]) -> None:
+    """Every (epoch, step) of the run in its history once, none lost or repeated; its resumes as the summary's."""
+    hist = json.loads(folder.read_text("history.json"))
+    assert [(s["epoch"], s["step"]) for s in hist["steps"]] == steps
+    assert [e["epoch"] for e in hist["epochs"]] == sorted({e for e, _ in steps})
+    assert hist["resumes"] == json.loads(folder.read_text("summary.json"))["resumes"]
+
+
+def assert_keeps_newest(folder: RunFolder, keep: int, kills: int) -> None:
+    """Ray's record holds the newest `keep` checkpoints, which exist; older recorded ones are deleted. A folder
+    outside the record can only be an upload that a kill cut short (at most one per kill): Ray never resumes from it,
+    nor deletes it."""
+    recorded = [r["checkpoint_dir_name"] for r in
+                json.loads(folder.read_text("checkpoint_manager_snapshot.json"))["checkpoint_results"]]
+    dirs = [i.base_name for i in folder.fs.get_file_info(pafs.FileSelector(folder.path))
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    assert len(recorded) == keep and set(recorded) <= set(dirs), (recorded, dirs)
+    assert len(set(dirs) - set(recorded)) <= kills, dirs

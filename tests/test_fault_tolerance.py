@@ -23,16 +23,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
-import torch
 
 from acr.checkpoint import load_state
 from acr.config import load_config
 from acr.storage import RunFolder
 from acr.train.driver import run_local, run_training
 from tests.conftest import REPO, TINY_OVERRIDES
-from tests.faults import run_killed_at_first_checkpoint, run_with_a_worker_killed, s3_uri
+from tests.faults import (assert_history_complete, assert_keeps_newest, assert_same_acr_state,
+                          run_killed_at_first_checkpoint, run_with_a_worker_killed, s3_uri)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes through /proc")]
@@ -58,43 +57,11 @@ def reference(ray_cluster, cache_dir, tmp_path_factory) -> dict:
     return load_state(session.last_checkpoint)
 
 
-def _assert_same_final_state(state: dict, ref: dict) -> float:
-    """The largest difference over every parameter and momentum buffer, asserted below TOLERANCE."""
-    assert state["counters"] == ref["counters"] and ref["counters"]["cls_steps"] == len(ALL_STEPS)
-    assert (state["epoch"], state["step_in_epoch"]) == (2, 0)
-    pairs = [(f"{net}.{k}", state[net][k], v) for net in ("classifier", "reconstructor") for k, v in ref[net].items()]
-    for opt in ("opt_cls", "opt_rec"):
-        assert state[opt]["param_groups"] == ref[opt]["param_groups"]  # LR schedule position
-        pairs += [(f"{opt} {i} {k}", state[opt]["state"][i][k], v) for i, s in ref[opt]["state"].items()
-                  for k, v in s.items()]
-    worst = 0.0
-    for name, a, b in pairs:
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert b.dtype == torch.float32 or not b.is_floating_point(), name  # train.precision=fp32 throughout
-        diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-        assert diff <= TOLERANCE, f"{name} differs by {diff}"
-        worst = max(worst, diff)
-    assert len(state["torch_rng"]) == 1 and torch.equal(state["torch_rng"][0], ref["torch_rng"][0])
-    return worst
-
-
-def _assert_history_complete(folder: RunFolder) -> None:
-    hist = json.loads(folder.read_text("history.json"))
-    assert [(s["epoch"], s["step"]) for s in hist["steps"]] == ALL_STEPS  # every step once, none lost or repeated
-    assert [e["epoch"] for e in hist["epochs"]] == [0, 1]
-    assert hist["resumes"] == json.loads(folder.read_text("summary.json"))["resumes"]
-
-
 def _final_state(folder: RunFolder) -> dict:
     with folder.fs.open_input_file(f"{folder.latest_checkpoint()}/state.pt") as f, \
             tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "state.pt").write_bytes(f.read())
         return load_state(tmp)
-
-
-def _checkpoint_dirs(folder: RunFolder) -> list[str]:
-    return [i.base_name for i in folder.fs.get_file_info(pafs.FileSelector(folder.path))
-            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +107,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(scenario):
 def test_the_interrupted_run_ends_as_an_uninterrupted_one(scenario, reference):
     assert "error" not in scenario, scenario.get("error")
     folder = scenario["folder"]
-    _assert_history_complete(folder)
-    worst = _assert_same_final_state(_final_state(folder), reference)
+    assert_history_complete(folder, ALL_STEPS)
+    assert reference["counters"]["cls_steps"] == len(ALL_STEPS)
+    worst = assert_same_acr_state(_final_state(folder), reference, TOLERANCE)
     print(f"largest difference from the uninterrupted run: {worst}")
-    # keep-N: Ray's record holds the newest two checkpoints, which exist; older recorded ones are deleted. A folder
-    # outside the record can only be an upload that a kill cut short (at most one per kill): Ray never resumes
-    # from it, nor deletes it.
-    recorded = [r["checkpoint_dir_name"] for r in
-                json.loads(folder.read_text("checkpoint_manager_snapshot.json"))["checkpoint_results"]]
-    dirs = _checkpoint_dirs(folder)
-    assert len(recorded) == 2 and set(recorded) <= set(dirs), (recorded, dirs)
-    assert len(set(dirs) - set(recorded)) <= 2, dirs
+    assert_keeps_newest(folder, keep=2, kills=2)

@@ -29,7 +29,7 @@ from acr.refine import pseudo
 from acr.refine.irn import IRNet, affinity_labels, boundary_loss, path_affinity, path_offsets
 from acr.runtime.collectives import batch_denominator
 from acr.runtime.logs import setup_logging
-from acr.runtime.loop import LoopPlan, epoch_datasets, train_epochs
+from acr.runtime.loop import LoopPlan, epoch_datasets, start_stream, train_epochs
 from acr.runtime.session import RaySession, read_latest, resume_point, set_worker_threads
 from acr.runtime.stages import ImageFiles, epoch_order, positions, rows_of
 from acr.runtime.trainer import build_trainer, fit
@@ -73,6 +73,7 @@ def irn_worker(config: dict) -> None:
     setup_logging()
     cfg = config_from_dict(config["config"])
     ps, session = cfg.pseudo, RaySession()
+    plan = start_stream(session, LoopPlan(**config["plan"]))
     set_worker_threads(cfg)
     torch.manual_seed(cfg.train.seed)  # the boundary branch's initial weights: the same in every run
     irn = build_irn(cfg, config["checkpoint"], session.device)
@@ -85,7 +86,7 @@ def irn_worker(config: dict) -> None:
         return boundary_loss(path_affinity(edge, offsets), *affinity_labels(batch["label"].long(), offsets),
                              denominator=batch_denominator)
 
-    train_epochs(session, irn.boundary_branch(), session.prepare(irn), opt, loss_fn, LoopPlan(**config["plan"]))
+    train_epochs(session, irn.boundary_branch(), session.prepare(irn), opt, loss_fn, plan)
 
 
 def irn_plan(cfg: Config, total: int, start: tuple[int, int]) -> LoopPlan:

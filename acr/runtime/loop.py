@@ -70,6 +70,13 @@ def epoch_datasets(plan: LoopPlan, make_epoch: Callable[[int, int], object], wor
         target_num_rows_per_block=plan.batch_size // workers, strict=True) for e in range(e0, plan.epochs)}
 
 
+def start_stream(session: Session, plan: LoopPlan) -> LoopPlan:
+    """Ask for the plan's first epoch's stream before the network is built: its coordinator (a process of its own)
+    starts meanwhile instead of after. Returns the plan."""
+    session.dataset(f"epoch{plan.start[0]}")
+    return plan
+
+
 def restore_into(session: Session, model: nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:
     """The loop's state after the latest checkpoint (loaded into `model` and `optimizer`), or a fresh one."""
     restored = session.restore(map_location=session.device)
@@ -108,6 +115,8 @@ def train_epochs(session: Session, model: nn.Module, ddp: nn.Module, optimizer: 
 
     for epoch in range(state.epoch, plan.epochs):
         batches, step = _batches(session, plan, state, epoch)
+        if epoch + 1 < plan.epochs:  # the next epoch's stream starts its coordinator (a process) while this one trains
+            session.dataset(f"epoch{epoch + 1}")
         losses, t0 = [], time.perf_counter()
         for batch in batches:
             if step >= plan.steps_per_epoch:

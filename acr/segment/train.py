@@ -25,7 +25,7 @@ from acr.models.deeplab import DeepLab, build_deeplab
 from acr.refine import pseudo
 from acr.runtime.collectives import batch_denominator
 from acr.runtime.logs import setup_logging
-from acr.runtime.loop import LoopPlan, epoch_datasets, train_epochs
+from acr.runtime.loop import LoopPlan, epoch_datasets, start_stream, train_epochs
 from acr.runtime.session import RaySession, read_latest, resume_point, set_worker_threads
 from acr.runtime.stages import epoch_order, positions, rows_of
 from acr.runtime.trainer import build_trainer, fit
@@ -88,6 +88,7 @@ def segment_worker(config: dict) -> None:
     setup_logging()
     cfg = config_from_dict(config["config"])
     sg, session = cfg.segment, RaySession()
+    plan = start_stream(session, LoopPlan(**config["plan"]))
     set_worker_threads(cfg)
     torch.manual_seed(cfg.train.seed)  # the head's (and a random backbone's) initial weights: the same in every run
     model = build_model(cfg, config["init_backbone"]).to(session.device)
@@ -99,7 +100,7 @@ def segment_worker(config: dict) -> None:
             logits = ddp(batch["image"])
         return segmentation_loss(logits, batch["label"], batch_denominator)
 
-    train_epochs(session, model, session.prepare(model), opt, loss_fn, LoopPlan(**config["plan"]),
+    train_epochs(session, model, session.prepare(model), opt, loss_fn, plan,
                  extra_state={"config": config["config"]})
 
 

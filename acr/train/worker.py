@@ -238,6 +238,7 @@ def run_worker(loop_config: dict, session: Session) -> None:
     cfg = config_from_dict(loop_config["config"])
     uri, manifest, plan = loop_config["shards"], loop_config["manifest"], TrainPlan(**loop_config["plan"])
     _check_worker(cfg, plan, session)
+    stream = session.dataset("train")  # asked for first: its coordinator process starts while the networks are built
     set_worker_threads(cfg)
     rows = TrainRows(uri, manifest, plan.to_dict(), num_classes(cfg), augment_kwargs(cfg), cfg.method.srf.grid_size)
     run = build_run(cfg, plan, session.rank)
@@ -246,7 +247,7 @@ def run_worker(loop_config: dict, session: Session) -> None:
         calibrate(run, rows, session.device)
     wrap(run, session, dtype)
     max_step = plan.steps_per_epoch * (cfg.optim.schedule_epochs or cfg.train.epochs)
-    batches = iter(session.dataset("train").iter_torch_batches(
+    batches = iter(stream.iter_torch_batches(
         batch_size=cfg.train.batch_size // session.world, prefetch_batches=cfg.data.prefetch_batches, device="cpu",
         drop_last=False))
     for _ in range(plan.batches_before(run.start_epoch, run.start_step)):  # restarted from a later checkpoint
