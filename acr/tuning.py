@@ -227,7 +227,8 @@ def write_outputs(cfg: Config, base: Config, space: dict, results, out: RunFolde
         hist = r.metrics_dataframe
         scores = [] if hist is None or METRIC not in hist else [float(v) for v in hist[METRIC] if not math.isnan(v)]
         trial_id = Path(r.path).name
-        scores = max(scores, run_scores(out, trial_id), key=len)  # the longer record: the run's after a restart
+        if len(scores) < cfg.train.epochs:  # after a restart Tune's record is the shorter: the run's own is whole
+            scores = max(scores, run_scores(out, trial_id), key=len)
         curves[trial_id] = scores
         last = r.metrics or {}
         rows.append({"trial": trial_id, "status": "error" if r.error else "done", "epochs": len(scores),

@@ -82,9 +82,10 @@ TINY_OVERRIDES = [
 
 # Modules of pure computation (no Ray, no job script, a few GiB at most): they run beside the released step's
 # float64 run in the background.
-BESIDE_RELEASED_STEP = ("test_cluster_yaml", "test_config", "test_crf", "test_data", "test_equations", "test_irn",
-                        "test_layout", "test_metrics_cam", "test_models", "test_phases", "test_properties",
-                        "test_pseudo_labels", "test_safe_loading", "test_schedules_optim", "test_storage")
+BESIDE_RELEASED_STEP = ("test_cluster_yaml", "test_collectives", "test_config", "test_crf", "test_data",
+                        "test_equations", "test_irn", "test_layout", "test_metrics_cam", "test_models", "test_phases",
+                        "test_properties", "test_pseudo_labels", "test_safe_loading", "test_schedules_optim",
+                        "test_storage")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -26,13 +26,14 @@ def batch_denominator(count: torch.Tensor, eps: float = 0.0, at_least: float | N
     """The denominator that makes a worker's sum its share of the mean over the global batch: (count summed over the
     workers + eps, at least `at_least`) / workers. DDP averages the workers' gradients, so their mean is the gradient
     of the global sum / (global count + eps), as one worker computes it from the whole batch."""
-    if not distributed():
-        total = count + eps if eps else count
-        return total if at_least is None else total.clamp(min=at_least)
-    total = count.detach().clone()
-    dist.all_reduce(total)
+    workers = dist.get_world_size() if distributed() else 1
+    total = count
+    if workers > 1:
+        total = count.detach().clone()
+        dist.all_reduce(total)
     total = total + eps if eps else total
-    return (total if at_least is None else total.clamp(min=at_least)) / dist.get_world_size()
+    total = total if at_least is None else total.clamp(min=at_least)
+    return total / workers if workers > 1 else total
 
 
 def reduce_sum_numpy(a: np.ndarray) -> np.ndarray:
