@@ -1,5 +1,5 @@
-# `make demo`: train ACR on the embedded synthetic dataset (under 3 minutes on 2 idle CPU cores with bf16 kernels,
-# about 5 the first time, which pre-trains the stand-in backbone: benchmarks/demo_budget.py, README quickstart).
+# `make demo`: train ACR on the embedded synthetic dataset; the first run also pre-trains the stand-in backbone
+# (docs/demo.md; its budget: benchmarks/demo_budget.py).
 # `make test`: the test suite. Both create .venv and install the project with its test extras on first use.
 PYTHON ?= python3
 VENV ?= .venv

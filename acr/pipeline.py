@@ -38,7 +38,7 @@ DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.ya
 TIMES_FILE = "stage_seconds.json"
 
 # ACR (Kweon et al., CVPR 2023), PASCAL VOC 2012, mIoU %: Table 3 (pseudo-labels on train) and Table 4 (DeepLab);
-# the fully supervised DeepLab-v2 ResNet-101 of kazuto1011/deeplab-pytorch (README) as the upper bound.
+# the fully supervised DeepLab-v2 ResNet-101 of kazuto1011/deeplab-pytorch's README as the upper bound.
 PAPER = {"seed_miou": 60.3, "crf_miou": 65.9, "mask_miou": 72.3, "voc_val": 71.9, "voc_test": 71.9, "coco_val": 45.3,
          "full_supervision_val": 76.65, "full_supervision_val_crf": 77.93}
 

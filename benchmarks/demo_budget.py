@@ -46,7 +46,7 @@ def demo_run(name: str, cache: Path, out: Path) -> dict:
 
 
 def save_overlay_rows(run: Path, out: Path, rows: int = 3, of: int = 8) -> None:
-    """The first `rows` of a run's cam_overlays.png (of its `of` rows): the README's picture of what the demo does."""
+    """The first `rows` of a run's cam_overlays.png (of its `of` rows): docs/demo.md's picture of what the demo does."""
     import matplotlib.image as mpimg
 
     picture = mpimg.imread(run / "cam_overlays.png")

@@ -3,7 +3,7 @@
 A local autoscaling Ray cluster (tests/multinode.py) whose node types come from cluster.yaml: the head with no CPUs
 for workers, each worker type with its instance's CPU count and a custom resource `acr_gpu` standing for its GPUs,
 the same min/max workers, a short idle timeout; every node with a disk of its own. An S3 server (moto) stands for the
-bucket. The README's cluster commands, scaled down, go through `ray job submit --working-dir .`: train.py on 2
+bucket. The cluster commands of docs/ray.md, scaled down, go through `ray job submit --working-dir .`: train.py on 2
 workers, tune.py with 2 concurrent trials, pseudo_labels.py, segment.py and pipeline.py, all writing to S3. Printed:
 each job's result, the nodes it ran on (its summary's `nodes`), and the autoscaler's launches and terminations.
 Exits non-zero if a job failed; stops every process it started.
@@ -58,7 +58,7 @@ def node_types(cluster_yaml: Path) -> dict:
 
 
 def jobs(s3: str) -> list[tuple[str, list[str], str]]:
-    """(name, the script and its arguments, the summary it writes): the README's cluster commands, scaled down."""
+    """(name, the script and its arguments, the summary it writes): docs/ray.md's cluster commands, scaled down."""
     return [
         ("train", ["ray_jobs/train.py", "--output-dir", f"{s3}/train", *TINY, "scaling.num_workers=2",
                    "scaling.cpus_per_worker=3", "scaling.max_failures=1", "train.checkpoint_every_steps=1"],

@@ -45,8 +45,8 @@ def test_the_standin_is_made_once_cached_and_loads_as_imagenet_weights(cache_dir
 
 
 def test_config_keys_added_at_their_defaults_keep_the_cached_standins():
-    # The demo stand-ins' cache keys as users have them cached (880b0acdd3e5 since d3677e6): a new config key at its
-    # default must not rebuild them; a recipe change that alters the weights updates these names on purpose.
+    # The demo stand-ins' cache keys as users have them cached: a new config key at its default must not rebuild
+    # them; a recipe change that alters the weights updates these names on purpose.
     assert standin_path(recipe_config(load_config("configs/demo.yaml", []))).name == "resnet18-standin-880b0acdd3e5.pth"
     assert standin_path(recipe_config(load_config("configs/demo_vit.yaml", []))).name == \
         "deit_tiny-standin-a0a27be93f4a.pth"

@@ -36,9 +36,7 @@ RECIPE = {"method.reconstructor": "none", "synthetic.seed": 101, "synthetic.trai
           "model.freeze_bn": False, "optim.lr": 0.05, "train.epochs": 6, "eval.enabled": False,
           "model.pretrained": None, "train.log_every_steps": 0, "train.checkpoint_every_steps": 0,
           # fp32 whatever the job's train.precision, as ImageNet weights are one file for every job and machine: a
-          # stand-in pre-trained in bf16 depends on the CPU's bf16 kernels, and the demo's CAM with it did too (one
-          # Intel AMX machine, commit 6b33961: demo CAM mIoU 0.545 from a bf16 stand-in, 0.581 from an fp32 one,
-          # the demo itself in bf16 both times; README, "Quickstart").
+          # stand-in pre-trained in bf16 depends on the CPU's bf16 kernels, and so does the demo's CAM with it.
           "train.precision": "fp32"}
 # A ViT (MCTformer-v2 trained as a classifier, acr.models.mctformer) with its optimiser, AdamW (MCTformer main.py:
 # lr 5e-4 for batch 512; here batch 8 from scratch, where 5e-4 trains and the scaled 8e-6 does not move).
