@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from acr.config import load_config  # noqa: E402
-from benchmarks.throughput import commit, machine, steady_state, write_benchmarks_md  # noqa: E402
+from benchmarks.common import commit, machine, steady_state, write_benchmarks_md  # noqa: E402
 
 
 def stream_rate(cfg, workers: int, warmup: int) -> float:

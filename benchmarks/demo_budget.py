@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.throughput import commit, machine  # noqa: E402
+from benchmarks.common import commit, machine  # noqa: E402
 
 TARGETS = {"first": 6 * 60, "second": 3 * 60, "pipeline": 15 * 60, "cam_miou": 0.55}
 

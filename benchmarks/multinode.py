@@ -30,7 +30,7 @@ from acr.pseudo.job import job_config, run_pseudo_labels  # noqa: E402
 from acr.runtime.cluster import init_ray  # noqa: E402
 from acr.storage import RunFolder  # noqa: E402
 from acr.train.driver import run_training  # noqa: E402
-from benchmarks.throughput import commit, machine, write_benchmarks_md  # noqa: E402
+from benchmarks.common import commit, machine, write_benchmarks_md  # noqa: E402
 from tests.faults import BUCKET, S3_CREDENTIALS, latest_point, s3_server  # noqa: E402
 from tests.multinode import LocalCluster, token_auth  # noqa: E402
 

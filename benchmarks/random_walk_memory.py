@@ -66,7 +66,8 @@ def main() -> None:
     if len(sys.argv) == 5:  # child process: one size
         print(json.dumps(one(*map(int, sys.argv[1:]))))
         return
-    from benchmarks.throughput import commit, machine, write_benchmarks_md
+    # here, not at the top: the measuring child processes (this script) import only what the walk needs
+    from benchmarks.common import commit, machine, write_benchmarks_md
 
     rows = []
     for name, h, w, stride, k in SIZES:

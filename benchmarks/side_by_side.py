@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from acr.config import load_config  # noqa: E402
-from benchmarks.throughput import (RESULTS, _models, _tiny_batch, commit, loss_deviation, machine,  # noqa: E402
-                                   profile_step, reference_rates, write_section)
+from benchmarks.common import (RESULTS, commit, loss_deviation, machine, models, reference_rates,  # noqa: E402
+                               tiny_batch)
+from benchmarks.throughput import profile_step, write_section  # noqa: E402
 
 # name -> (config relative to a checkout, overrides). The released workload: resnet38d, batch 2, 256 px crops,
 # random init, 20 classes (the released code's setting, with synthetic data: the data does not change the time).
@@ -61,9 +62,9 @@ def export_commit(rev: str, dest: Path) -> Path:
 def write_inputs(config: str, overrides: list[str], path: Path) -> int:
     """Both networks' initial weights (this commit's builders, the config's seed) and one batch, for every run."""
     cfg = load_config(REPO / config, overrides)
-    cls, rec, _, _ = _models(cfg)
+    cls, rec, _, _ = models(cfg)
     torch.save({"classifier": cls.state_dict(), "reconstructor": rec.state_dict(),
-                "batch": _tiny_batch(cfg, cfg.train.batch_size), "seed": cfg.train.seed + 1}, path)
+                "batch": tiny_batch(cfg, cfg.train.batch_size), "seed": cfg.train.seed + 1}, path)
     return cfg.train.batch_size
 
 

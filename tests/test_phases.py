@@ -251,7 +251,7 @@ def test_bf16_where_fast_means_bf16_exactly_where_the_device_has_bf16_kernels():
 
 
 def test_adversarial_losses_take_a_map_at_any_resolution(setup):
-    """The CU terms of a target map given at image resolution (as benchmarks/cu_objective.py scores ground-truth
+    """The CU terms of a target map given at image resolution (as experiments/cu_objective.py scores ground-truth
     masks) with decomposition at the feature resolution: the decoder inputs use the map area-averaged to the feature
     cells, the validation masks use the map itself; checked against the equations written out. Gradients reach the
     map, not G; a zero weight drops its term."""

@@ -1,8 +1,8 @@
 """The paper's ablations (Tables 1 and 2) on the embedded benchmark, with identical budgets, data and seeds.
 
-    python benchmarks/ablations.py                     # every row, 3 seeds, 4 epochs per run (about an hour)
-    python benchmarks/ablations.py --quick             # one seed of `baseline` and `adversarial_srf`, smaller budget
-    python benchmarks/ablations.py --budgets 3 20      # `baseline` vs `adversarial_srf` at each budget, 3 seeds
+    python experiments/ablations.py                     # every row, 3 seeds, 4 epochs per run (about an hour)
+    python experiments/ablations.py --quick             # one seed of `baseline` and `adversarial_srf`, smaller budget
+    python experiments/ablations.py --budgets 3 20      # `baseline` vs `adversarial_srf` at each budget, 3 seeds
 
 Rows (paper Table 1): baseline (classification only), pretrained (reconstructor trained against the frozen baseline
 classifier, then a new classifier trained against it, frozen: paper Sec. 5.3) without / with SRF, adversarial
@@ -41,7 +41,7 @@ from acr.data.sources import dataset_root  # noqa: E402
 from acr.data.transforms import normalize  # noqa: E402
 from acr.train.driver import run_local  # noqa: E402
 from acr.train.standin import standin_weights  # noqa: E402
-from benchmarks.throughput import commit, machine, write_benchmarks_md  # noqa: E402
+from benchmarks.common import commit, machine, write_benchmarks_md  # noqa: E402
 
 PAPER = {  # VOC train, paper Tables 1-2: mIoU (%), precision, recall
     "baseline": (48.4, 0.61, 0.72), "pretrained": (52.9, None, None), "pretrained_srf": (54.6, None, None),
@@ -258,7 +258,7 @@ def write_results(args, rows: list[str], per_seed: list[dict], budget: str, base
     result = {"rows": summarise(per_seed, rows, done), "budget": budget,
               "reconstruction": {**refs, "adversarial_srf_autoencode_l1": float(np.mean(auto)) if auto else None},
               "minutes": (time.perf_counter() - t0) / 60, "commit": commit(),
-              "command": " ".join(["python", "benchmarks/ablations.py", *sys.argv[1:]]), "machine": machine(),
+              "command": " ".join(["python", "experiments/ablations.py", *sys.argv[1:]]), "machine": machine(),
               "runs": [{"seed": s, **{row: {k: r[row][k] for k in RUN_KEYS if k in r[row]} for row in rows}}
                        for s, r in zip(done, per_seed)]}
     name = "ablations_quick" if args.quick else "ablations_rows" if args.rows else "ablations"
@@ -293,7 +293,7 @@ def budget_sweep(args) -> None:
     base.append(f"model.pretrained={pretrained_backbone(args.pretrain_epochs, base)}")
     cfg = load_config(REPO / "configs/demo.yaml", base)
     result = {"budgets": [], "pretrain_epochs": args.pretrain_epochs, "commit": commit(), "machine": machine(),
-              "command": " ".join(["python", "benchmarks/ablations.py", *sys.argv[1:]])}
+              "command": " ".join(["python", "experiments/ablations.py", *sys.argv[1:]])}
     out = REPO / "benchmarks" / "results" / "ablations_budgets.json"
     with tempfile.TemporaryDirectory() as tmp:
         for epochs in args.budgets:

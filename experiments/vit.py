@@ -1,8 +1,8 @@
 """ACR on a ViT (MCTformer-v2, DeiT-Ti/16) against MCTformer-v2 alone on the embedded default, and the ViT step's
 speed beside the ResNet steps'.
 
-    python benchmarks/vit.py                        # 3 seeds x 3 rows (configs/demo_vit.yaml), then the step table
-    python benchmarks/vit.py --seeds 0 --epochs 1   # a smoke run
+    python experiments/vit.py                        # 3 seeds x 3 rows (configs/demo_vit.yaml), then the step table
+    python experiments/vit.py --seeds 0 --epochs 1   # a smoke run
 
 Rows: `mctformer` (method.reconstructor=none: MCTformer-v2 trained alone, both its losses), `acr_vit` (ACR's RU and
 CU phases on it, decomposing PatchCAM, the default model.vit.train_cam) and `acr_vit_class_attention` (ACR decomposing
@@ -37,8 +37,8 @@ from acr.data.ingest import EvalRows  # noqa: E402
 from acr.data.sources import ensure_shards  # noqa: E402
 from acr.train.driver import run_local  # noqa: E402
 from acr.train.evaluate import evaluate_split  # noqa: E402
-from benchmarks.throughput import _models, _tiny_batch, acr_flops_per_image, commit, machine  # noqa: E402
-from benchmarks.throughput import write_benchmarks_md  # noqa: E402
+from benchmarks.common import (acr_flops_per_image, commit, machine, models, tiny_batch,  # noqa: E402
+                               write_benchmarks_md)
 
 ROWS = {"mctformer": ["method.reconstructor=none"], "acr_vit": [],
         "acr_vit_class_attention": ["model.vit.train_cam=class_attention"]}
@@ -93,8 +93,8 @@ def step_row(overrides: list[str], steps: int) -> dict:
                       [o for o in overrides if o != "--vit"] + ["model.pretrained=null", "train.precision=fp32",
                                                                  "model.vit.encoder_pretrained=null"])
     batch = cfg.train.batch_size
-    cls, rec, oc, orr = _models(cfg)
-    b = _tiny_batch(cfg, batch)
+    cls, rec, oc, orr = models(cfg)
+    b = tiny_batch(cfg, batch)
     times = []
     for _ in range(steps + 1):
         t = time.perf_counter()
@@ -156,7 +156,7 @@ def main() -> None:
     steps = {name: step_row(o, args.steps) for name, o in STEP_ROWS.items()}
     result = {"commit": commit(), "machine": machine(), "seeds": args.seeds, "epochs": args.epochs,
               "minutes": (time.perf_counter() - t) / 60, "runs": runs, "steps": steps,
-              "command": " ".join(["python", "benchmarks/vit.py", *sys.argv[1:]])}
+              "command": " ".join(["python", "experiments/vit.py", *sys.argv[1:]])}
     out = REPO / "benchmarks" / "results" / "vit.json"
     out.write_text(json.dumps(result, indent=1))
     text = markdown(result)

@@ -1,7 +1,7 @@
 """Which target maps does ACR's adversarial objective reward? A diagnosis of issue 3 on the embedded benchmark.
 
-    python benchmarks/cu_objective.py                       # trains the two seed-0 ACR runs it needs (~5 min), then scores
-    python benchmarks/cu_objective.py --checkpoint DIR ...  # score given ACR checkpoints instead (no training)
+    python experiments/cu_objective.py                       # trains the two seed-0 ACR runs it needs (~5 min), then scores
+    python experiments/cu_objective.py --checkpoint DIR ...  # score given ACR checkpoints instead (no training)
 
 In the classifier-updating phase the classifier maximises J(A) = λ_t ℓ_t(A) + λ_nt ℓ_nt(A), the reconstruction
 errors of Eq. 12-13 (ℓ_t: the non-target pixels rebuilt from X ⊙ A; ℓ_nt: the target pixels rebuilt from
@@ -45,8 +45,8 @@ from acr.data.sources import dataset_root  # noqa: E402
 from acr.data.transforms import to_chw_normalized  # noqa: E402
 from acr.data.voc import load_image, load_mask, read_voc_split  # noqa: E402
 from acr.method.acr import adversarial_losses, classification_loss, normalize_cam, target_cam  # noqa: E402
-from benchmarks.ablations import EXTRA, RUN_KEYS, pretrained_backbone, train  # noqa: E402
-from benchmarks.throughput import commit, machine, write_benchmarks_md  # noqa: E402
+from experiments.ablations import EXTRA, RUN_KEYS, pretrained_backbone, train  # noqa: E402
+from benchmarks.common import commit, machine, write_benchmarks_md  # noqa: E402
 
 CANDIDATES = ("cam", "cam_within_object", "cam_plus_object", "object", "cam_widened", "everything")
 TERMS, METRICS = ("J_t", "J_nt", "J"), ("precision", "recall", "IoU")
@@ -344,7 +344,7 @@ def main() -> None:
                     results[name]["push"] = push(name, Path(ckpt), base, Path(tmp), args.push_epochs,
                                                  [int(k) if float(k).is_integer() else k for k in args.push_factors])
     payload = {"epochs": args.epochs, "trained": trained, "runs": results, "minutes": (time.perf_counter() - t0) / 60,
-               "commit": commit(), "command": " ".join(["python", "benchmarks/cu_objective.py", *sys.argv[1:]]),
+               "commit": commit(), "command": " ".join(["python", "experiments/cu_objective.py", *sys.argv[1:]]),
                "machine": machine()}
     suffix = "" if args.epochs == 4 else f"_{args.epochs}_epochs"
     (REPO / "benchmarks" / "results" / f"cu_objective{suffix}.json").write_text(json.dumps(payload, indent=1))
