@@ -1,5 +1,5 @@
 """The library's errors. Every error raised for bad input or a failed run is an :class:`AcrError` whose message
-names the file, key or value; the job scripts print it on a line of its own and exit non-zero (acr.runtime.errors).
+names the file, key or value; the job scripts print it on a line of its own and exit non-zero (acr.runtime.boundary).
 Any other exception is a bug and keeps its traceback. Each class also derives from the builtin its callers expect
 (ValueError, RuntimeError), so code written against those keeps working."""
 

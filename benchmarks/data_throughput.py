@@ -16,18 +16,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from acr.config import load_config  # noqa: E402
+from acr.data.ingest import augment_kwargs  # noqa: E402
+from acr.data.sources import dataset_root  # noqa: E402
+from acr.data.transforms import train_transform  # noqa: E402
+from acr.data.voc import load_image, read_voc_split  # noqa: E402
+from acr.runtime.cluster import init_ray  # noqa: E402
+from acr.runtime.trainer import build_trainer  # noqa: E402
+from acr.train.job import prepare_run, run_training  # noqa: E402
+from acr.train.probe import stream_probe  # noqa: E402
 from benchmarks.common import commit, machine, steady_state, write_benchmarks_md  # noqa: E402
 
 
 def stream_rate(cfg, workers: int, warmup: int) -> float:
-    from acr.runtime.trainer import build_trainer
-    from acr.train.driver import prepare_run
-    from acr.train.probe import stream_probe
 
     cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = workers, 2 / workers
     _, datasets, _ = prepare_run(cfg, progress=False)
@@ -43,10 +49,6 @@ def stream_rate(cfg, workers: int, warmup: int) -> float:
 
 def folder_rate(cfg, images: int) -> float:
     """The issue-2 path: a worker opens each JPEG from the folder, decodes and augments it, one thread."""
-    from acr.data.ingest import augment_kwargs
-    from acr.data.sources import dataset_root
-    from acr.data.transforms import train_transform
-    from acr.data.voc import load_image, read_voc_split
 
     recs = read_voc_split(dataset_root(cfg), cfg.data.train_split, cfg.synthetic.num_classes)[:images]
     t = time.perf_counter()
@@ -56,7 +58,6 @@ def folder_rate(cfg, images: int) -> float:
 
 
 def training_run(cfg, workers: int, warmup: int) -> dict:
-    from acr.train.driver import run_training
 
     cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = workers, 2 / workers
     cfg.train.threads_per_worker = 2 // workers
@@ -73,9 +74,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    import ray
 
-    from acr.runtime.cluster import init_ray
 
     cfg = load_config(args.config, ["eval.enabled=false", "train.log_every_steps=0", "train.epochs=1",
                                     "model.pretrained=null", *args.overrides])

@@ -29,7 +29,7 @@ from acr.config import Config, apply_overrides, load_config, parse_overrides  # 
 from acr.pseudo.job import job_config, run_pseudo_labels  # noqa: E402
 from acr.runtime.cluster import init_ray  # noqa: E402
 from acr.storage import RunFolder  # noqa: E402
-from acr.train.driver import run_training  # noqa: E402
+from acr.train.job import run_training  # noqa: E402
 from benchmarks.common import commit, machine, write_benchmarks_md  # noqa: E402
 from tests.faults import BUCKET, S3_CREDENTIALS, latest_point, s3_server  # noqa: E402
 from tests.multinode import LocalCluster, token_auth  # noqa: E402

@@ -21,20 +21,29 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+import ray
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from acr.cam import infer_cams  # noqa: E402
 from acr.config import Config, load_config, num_classes  # noqa: E402
-from acr.method.step import memory_layout  # noqa: E402
+from acr.data.ingest import eval_item  # noqa: E402
+from acr.data.sources import ensure_shards  # noqa: E402
+from acr.method.acr import Batch, classifier_trunk, cu_phase, ru_phase, sample_target  # noqa: E402
+from acr.method.step import autocast_context, memory_layout, shares_trunk  # noqa: E402
+from acr.models.factory import build_classifier  # noqa: E402
+from acr.refine.crf import crf_from_cams  # noqa: E402
+from acr.runtime.cluster import init_ray  # noqa: E402
+from acr.train.job import prepare_run, run_local, training_trainer  # noqa: E402
 from benchmarks.common import (RESULTS, acr_flops_per_image, commit, machine, models, reference_rates,  # noqa: E402
                                steady_state, tiny_batch, write_benchmarks_md)
 
 
 def run_plain(cfg: Config, threads: int, warmup: int) -> dict:
     """The training loop in this process, without Ray."""
-    from acr.train.driver import run_local
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,10 +58,7 @@ def run_plain(cfg: Config, threads: int, warmup: int) -> dict:
 
 
 def run_trainer(cfg: Config, workers: int, threads: int, warmup: int) -> dict:
-    import ray
 
-    from acr.runtime.cluster import init_ray
-    from acr.train.driver import prepare_run, training_trainer
 
     cfg.scaling.num_workers = workers
     cfg.scaling.cpus_per_worker = threads // workers
@@ -76,8 +82,6 @@ def run_trainer(cfg: Config, workers: int, threads: int, warmup: int) -> dict:
 def profile_step(cfg: Config, batch: int, threads: int, repeats: int = 2) -> dict:
     """Seconds per phase and pass of one iteration as train_step runs it (cfg's precision and trunk sharing), from
     torch.profiler scopes and autograd's backward timing."""
-    from acr.method.acr import Batch, classifier_trunk, cu_phase, ru_phase, sample_target
-    from acr.method.step import autocast_context, shares_trunk
 
     torch.set_num_threads(threads)
     cls, rec, oc, orr = models(cfg)
@@ -119,13 +123,7 @@ def profile_step(cfg: Config, batch: int, threads: int, repeats: int = 2) -> dic
 
 
 def cam_and_crf(cfg: Config, threads: int, images: int) -> dict:
-    from acr.cam import infer_cams
-    import pyarrow.parquet as pq
 
-    from acr.data.ingest import eval_item
-    from acr.data.sources import ensure_shards
-    from acr.models.factory import build_classifier
-    from acr.refine.crf import crf_from_cams
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

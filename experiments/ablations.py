@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -39,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from acr.config import load_config  # noqa: E402
 from acr.data.sources import dataset_root  # noqa: E402
 from acr.data.transforms import normalize  # noqa: E402
-from acr.train.driver import run_local  # noqa: E402
+from acr.train.job import run_local  # noqa: E402
 from acr.train.standin import standin_weights  # noqa: E402
 from benchmarks.common import commit, machine, write_benchmarks_md  # noqa: E402
 
@@ -84,7 +85,6 @@ def reconstruction_references(cfg, root: Path, n: int = 64) -> dict:
     """What a reconstructor must beat to carry information: the L1 (ImageNet-normalised units, mean over pixels and
     channels, as `ru/loss_autoencode`) of predicting each training image by its mean colour, and by the image itself
     sampled at the encoder's feature resolution and bilinearly upsampled back."""
-    from PIL import Image
 
     side = cfg.augment.crop_size // cfg.model.output_stride
     files = sorted((root / "JPEGImages").glob("*.jpg"))[:n]

@@ -35,8 +35,9 @@ from acr.checkpoint import load_classifier  # noqa: E402
 from acr.config import load_config  # noqa: E402
 from acr.data.ingest import EvalRows  # noqa: E402
 from acr.data.sources import ensure_shards  # noqa: E402
-from acr.train.driver import run_local  # noqa: E402
+from acr.method.step import StepCounters, train_step  # noqa: E402
 from acr.train.evaluate import evaluate_split  # noqa: E402
+from acr.train.job import run_local  # noqa: E402
 from benchmarks.common import (acr_flops_per_image, commit, machine, models, tiny_batch,  # noqa: E402
                                write_benchmarks_md)
 
@@ -86,7 +87,6 @@ STEP_ROWS = {  # classifier backbone -> overrides of configs/demo.yaml (128 px, 
 
 
 def step_row(overrides: list[str], steps: int) -> dict:
-    from acr.method.step import StepCounters, train_step
 
     vit = "--vit" in overrides
     cfg = load_config(REPO / ("configs/demo_vit.yaml" if vit else "configs/demo.yaml"),

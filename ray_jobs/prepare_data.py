@@ -19,7 +19,7 @@ from acr.cli import parse_job_args  # noqa: E402
 from acr.config import num_classes  # noqa: E402
 from acr.data.shards import find_corrupt_rows, write_shards  # noqa: E402
 from acr.data.sources import dataset_root, shards_cache_dir  # noqa: E402
-from acr.runtime.errors import run_job  # noqa: E402
+from acr.runtime.boundary import run_job  # noqa: E402
 
 
 def _flags(p) -> None:

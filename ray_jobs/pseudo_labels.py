@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from acr.cli import output_dir  # noqa: E402
 from acr.config import Config, apply_overrides, parse_overrides  # noqa: E402
 from acr.pseudo.job import job_config, run_pseudo_labels  # noqa: E402
-from acr.runtime.errors import run_job  # noqa: E402
+from acr.runtime.boundary import run_job  # noqa: E402
 from acr.storage import RunFolder  # noqa: E402
 
 

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from acr.cli import output_dir  # noqa: E402
 from acr.config import apply_overrides, load_config, parse_overrides, validate  # noqa: E402
-from acr.runtime.errors import run_job  # noqa: E402
-from acr.storage import RunFolder  # noqa: E402
+from acr.runtime.boundary import run_job  # noqa: E402
 from acr.segment.job import labels_job_config, run_segment  # noqa: E402
-from acr.train.driver import resolve_pretrained  # noqa: E402
+from acr.storage import RunFolder  # noqa: E402
+from acr.train.job import resolve_pretrained  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from acr.cli import parse_job_args  # noqa: E402
-from acr.runtime.errors import run_job  # noqa: E402
-from acr.train.driver import run_training  # noqa: E402
+from acr.runtime.boundary import run_job  # noqa: E402
+from acr.train.job import run_training  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from acr.cli import parse_job_args  # noqa: E402
-from acr.runtime.errors import run_job  # noqa: E402
-from acr.tuning import run_tune  # noqa: E402
+from acr.runtime.boundary import run_job  # noqa: E402
 from acr.storage import RunFolder  # noqa: E402
+from acr.tune.job import run_tune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults import local_ray, s3_server
 from tests.rayhead import BYSTANDER, RELEASED_STEP_RUN, RayHead
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,6 @@ def ray_local():
     """A real local Ray for the tests of one module, started as the jobs start it (acr.runtime.cluster.init_ray: a Ray
     of its own, never another one, with the jobs' Train settings) with 4 logical CPUs, so that training workers, the
     Ray Data decode actor and Ray's own tasks never wait on each other on a 2-core machine."""
-    from tests.faults import local_ray
 
     with local_ray():
         yield
@@ -48,7 +48,6 @@ def ray_local():
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A local S3-compatible server for the tests of one module (tests.faults.s3_server): "host:port"."""
-    from tests.faults import s3_server
 
     with s3_server() as endpoint:
         yield endpoint
@@ -57,7 +56,6 @@ def s3_endpoint():
 @pytest.fixture(scope="module")
 def ray_cluster(s3_endpoint):
     """A local Ray as the jobs start it, for one module, after the S3 server (its workers see the credentials)."""
-    from tests.faults import local_ray
 
     with local_ray():
         yield

@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import ray
 import torch
 
+from acr.config import load_config
+from acr.runtime.cluster import LOCAL_RAY_ENV, RAY_ENV, init_ray
 from acr.runtime.session import read_latest
 from acr.storage import RunFolder
 from tests.rayhead import free_port
@@ -68,10 +71,7 @@ def s3_server():
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 4):
     """A local Ray as the jobs start it (their Train settings: reports are polled every 0.25 s), for the block."""
-    import ray
 
-    from acr.config import load_config
-    from acr.runtime.cluster import LOCAL_RAY_ENV, RAY_ENV, init_ray
 
     settings = {**RAY_ENV, **LOCAL_RAY_ENV}
     with environment({k: os.environ.get(k, v) for k, v in settings.items()}):  # what init_ray sets, restored after

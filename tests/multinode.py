@@ -29,6 +29,7 @@ from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeP
 from ray.autoscaler.tags import (NODE_KIND_WORKER, STATUS_UP_TO_DATE, TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME,
                                  TAG_RAY_NODE_STATUS, TAG_RAY_USER_NODE_TYPE)
 
+from tests.faults import environment
 from tests.rayhead import PORT_FLAGS, RayHead, free_port, group_alive, ray_env
 
 
@@ -60,7 +61,6 @@ def auth_token() -> str:
 def token_auth(env: dict):
     """`env` and token authentication in this process, for the block: the mode every Ray of the suite uses. Ray caches
     the mode in its process-wide config, which ray.init refreshes only when it starts a Ray: refreshed here."""
-    from tests.faults import environment
 
     with environment({**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token()}):
         ray._raylet.Config.initialize("")

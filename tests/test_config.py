@@ -1,6 +1,8 @@
 import pytest
+import yaml
 
-from acr.config import ConfigError, load_config, to_dict
+from acr.cli import parse_job_args
+from acr.config import Config, ConfigError, config_from_dict, load_config, to_dict
 from tests.conftest import REPO
 
 
@@ -51,14 +53,11 @@ def test_unknown_key_in_yaml_file_names_file_and_key(tmp_path):
 
 def test_round_trip_through_dict():
     cfg = load_config(None, ["train.epochs=5"])
-    from acr.config import config_from_dict
     assert config_from_dict(to_dict(cfg)) == cfg
 
 
 def test_reference_yaml_lists_every_key_with_its_default():
-    import yaml
 
-    from acr.config import Config
     assert yaml.safe_load((REPO / "configs/reference.yaml").read_text()) == to_dict(Config())
 
 
@@ -81,7 +80,6 @@ def test_a_config_file_can_build_on_a_base_file(tmp_path):
 
 
 def test_overrides_may_come_before_and_after_the_flags(tmp_path):
-    from acr.cli import parse_job_args
 
     cfg, out, _ = parse_job_args("d", None, ["train.epochs=2", "--output-dir", str(tmp_path), "train.batch_size=4"])
     assert (cfg.train.epochs, cfg.train.batch_size, out) == (2, 4, tmp_path)

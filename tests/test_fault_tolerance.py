@@ -28,7 +28,7 @@ import pytest
 from acr.checkpoint import load_state
 from acr.config import load_config
 from acr.storage import RunFolder
-from acr.train.driver import run_local, run_training
+from acr.train.job import run_local, run_training
 from tests.conftest import REPO, TINY_OVERRIDES
 from tests.faults import (assert_history_complete, assert_keeps_newest, assert_same_acr_state,
                           run_killed_at_first_checkpoint, run_with_a_worker_killed, s3_uri)
@@ -50,7 +50,7 @@ def _overrides(cache_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, cache_dir, tmp_path_factory) -> dict:
-    """The uninterrupted run's final state: the same training loop and data stream in this process (acr.train.driver
+    """The uninterrupted run's final state: the same training loop and data stream in this process (acr.train.job
     .run_local, no Ray Train; Ray Train's own runs are compared with each other in tests/test_ray_train.py)."""
     session = run_local(load_config(None, _overrides(cache_dir)), tmp_path_factory.mktemp("reference") / "run")
     assert len(session.reports) == len(ALL_STEPS) and session.last_checkpoint is not None

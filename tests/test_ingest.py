@@ -14,7 +14,7 @@ import pytest
 from acr.config import load_config, num_classes
 from acr.data.ingest import TrainPlan, TrainRows, augment_kwargs, epoch_permutation
 from acr.runtime.trainer import build_trainer
-from acr.train.driver import prepare_run
+from acr.train.job import prepare_run
 from acr.train.probe import stream_probe
 from tests.conftest import TINY_OVERRIDES
 

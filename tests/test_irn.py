@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from acr.models.backbones import build_backbone
-from acr.refine.irn import (IRNet, affinity_labels, boundary_loss, confident_labels, labels_from_walk, path_affinity,
+from acr.models.irn import IRNet
+from acr.refine.irn import (affinity_labels, boundary_loss, confident_labels, labels_from_walk, path_affinity,
                             path_offsets, propagate, random_walk, transition_matrix)
 
 

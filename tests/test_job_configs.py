@@ -173,3 +173,12 @@ def test_the_readme_is_a_guide_and_no_document_tells_history():
     commits = {w for w in words - NAMED_COMMITS if subprocess.run(
         ["git", "cat-file", "-e", f"{w}^{{commit}}"], cwd=REPO, capture_output=True).returncode == 0}
     assert not commits, sorted(commits)
+
+
+def test_every_file_the_documents_name_exists():
+    """Paths of this repository named in the README and docs/ (acr/..., tests/..., configs/... and so on) exist."""
+    text = "\n".join(d.read_text() for d in DOCUMENTS)
+    named = set(re.findall(r"\b((?:acr|tests|benchmarks|experiments|ray_jobs|configs|search_spaces)/[\w/]+\.(?:py|yaml))",
+                           text))
+    missing = sorted(p for p in named if not (REPO / p).is_file())
+    assert len(named) > 30 and not missing, missing

@@ -8,8 +8,8 @@ import torch
 
 from acr.checkpoint import load_classifier, load_state
 from acr.config import load_config
-from acr.train.driver import run_local
 from acr.errors import NonFiniteLossError
+from acr.train.job import run_local
 from tests.conftest import TINY_OVERRIDES
 
 

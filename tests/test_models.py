@@ -3,6 +3,7 @@ import pytest
 import torch
 import torchvision
 
+from acr.checkpoint import export_backbone, save_state
 from acr.errors import ConfigError
 from acr.models.backbones import ResNet38d, build_backbone, calibrate_batchnorm
 from acr.models.classifier import Classifier
@@ -110,7 +111,6 @@ def test_frozen_bn_stays_frozen_and_calibration_sets_statistics():
 def test_exported_backbone_initialises_both_networks(tmp_path):
     """A trained classifier's backbone, exported from a checkpoint, is a `model.pretrained` file: loading it gives
     the classifier's backbone tensors exactly (the embedded benchmark's stand-in for ImageNet weights)."""
-    from acr.checkpoint import export_backbone, save_state
 
     torch.manual_seed(0)
     trained = Classifier("resnet18", 6, output_stride=16, cam_head_hidden=32, dropout=False)

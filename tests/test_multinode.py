@@ -26,15 +26,15 @@ from ray.util.state import list_actors
 from acr.checkpoint import load_state
 from acr.config import Config, ConfigError, apply_overrides, load_config, parse_overrides
 from acr.pseudo.job import job_config, run_pseudo_labels
-from acr.refine import pseudo
+from acr.data import file_codecs
 from acr.runtime.session import read_latest
 from acr.segment.job import run_segment
-from acr.segment.train import MODEL_DIR
+from acr.segment.train_deeplab import MODEL_DIR
 from acr.runtime.cluster import init_ray
 from acr.runtime.reach import reachable
 from acr.storage import RunFolder
-from acr.train.driver import run_local, run_training
-from acr.tuning import run_tune, trial_limits
+from acr.train.job import run_local, run_training
+from acr.tune.job import run_tune, trial_limits
 from tests.conftest import REPO, TINY_OVERRIDES, wait_for_released_step
 from tests.faults import (BUCKET, S3_CREDENTIALS, assert_history_complete, assert_keeps_newest,
                           assert_same_acr_state, assert_same_network, latest_point, s3_server, wait_for_checkpoint)
@@ -234,13 +234,13 @@ def test_the_pseudo_label_job_loses_a_node_in_a_per_image_stage_and_in_irn(clust
     out: dict = {}
     job = threading.Thread(target=lambda: out.update(summary=run_pseudo_labels(cfg, folder.location)))
     job.start()
-    _wait_for(lambda: folder.names(pseudo.CAMS), job.is_alive)
+    _wait_for(lambda: folder.names(file_codecs.CAMS), job.is_alive)
     out["cams_node"] = _kill_where(cluster, "MapWorker(MapBatches(CamStage))") if job.is_alive() else None
     _wait_for(lambda: folder.sub("irn").latest_checkpoint(), job.is_alive)
     out["irn_node"] = _kill_where(cluster, "RayTrainWorker") if job.is_alive() else None
     job.join(timeout=900)
     assert out.get("summary") and out["cams_node"] and out["irn_node"], out
-    _same_files(folder, reference, (pseudo.CAMS, pseudo.CRF, pseudo.IR_LABELS, pseudo.MASKS))
+    _same_files(folder, reference, (file_codecs.CAMS, file_codecs.CRF, file_codecs.IR_LABELS, file_codecs.MASKS))
     resumes = out["summary"]["stages"]["irn"].get("resumes") or []
     assert resumes, out["summary"]["stages"]["irn"]
     assert_same_network(folder.sub("irn"), reference.sub("irn"), TOLERANCE)

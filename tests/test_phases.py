@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from acr.config import load_config
+from acr.method import acr as A
 from acr.method.acr import Batch, cu_phase, ru_phase, sample_target
 from acr.method.optim import build_optimizer
-from acr.method.step import StepCounters, train_step
+from acr.method.step import StepCounters, autocast_context, memory_layout, train_step, uses_bf16
 from acr.models.factory import build_classifier, build_reconstructor
 from tests.conftest import TINY_OVERRIDES
 
@@ -94,7 +95,6 @@ def test_full_iteration_then_phase_order_and_nan_guard(setup):
 
 def _explicit_ru_loss(cls, rec, b, cfg, q):
     """RU written directly from the equations (Eq. 3, 8-10, 5-7), materialising X_t, X_nt, X_t^RU, X_nt^RU."""
-    from acr.method import acr as A
 
     size = b.image.shape[-2:]
     with torch.no_grad():
@@ -133,7 +133,6 @@ def test_fused_ru_equals_the_explicit_equations(setup):
 
 
 def test_fused_cu_equals_the_explicit_equations(setup):
-    from acr.method import acr as A
 
     cfg, cls, rec, batch = setup
     fused, _ = cu_phase(cls, rec, batch, cfg.method)
@@ -176,7 +175,6 @@ def test_adversarial_warmup_trains_the_classifier_with_l_cls_alone_first(setup):
 
 def _one_step(cfg, channels_last: bool, precision: str, dtype=torch.float32):
     """Losses and classifier parameters after one RU + CU iteration from a fixed init, batch and RNG."""
-    from acr.method.step import memory_layout
 
     cfg.train.channels_last, cfg.train.precision = channels_last, precision
     torch.manual_seed(0)
@@ -238,7 +236,6 @@ def test_bf16_autocast_stays_close_to_fp32(setup):
 def test_bf16_where_fast_means_bf16_exactly_where_the_device_has_bf16_kernels():
     """train.precision=bf16_where_fast (the demo configs): bf16 autocast on CUDA and on a CPU with oneDNN bf16
     kernels, fp32 on any other CPU; `auto` stays fp32 on the CPU, and only `bf16` forces it."""
-    from acr.method.step import autocast_context, uses_bf16
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     has_kernels = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -255,7 +252,6 @@ def test_adversarial_losses_take_a_map_at_any_resolution(setup):
     masks) with decomposition at the feature resolution: the decoder inputs use the map area-averaged to the feature
     cells, the validation masks use the map itself; checked against the equations written out. Gradients reach the
     map, not G; a zero weight drops its term."""
-    from acr.method import acr as A
 
     cfg, cls, rec, batch = setup
     mcfg = dataclasses.replace(cfg.method, decompose_at="feature", cu_nontarget_mask="cam")

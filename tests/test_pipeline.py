@@ -14,7 +14,7 @@ import time
 import pytest
 
 from acr.config import load_config
-from acr.pipeline import PAPER, finished, make_report, report_markdown
+from acr.pipeline.job import PAPER, finished, make_report, needs_classifier, report_markdown
 from acr.runtime.session import resume_point
 from acr.storage import RunFolder
 from tests.conftest import REPO, TINY_OVERRIDES
@@ -107,7 +107,6 @@ def test_report_puts_the_papers_numbers_beside_ours():
 
 
 def test_stage_1_runs_only_where_needed_and_a_cut_summary_is_not_finished(tmp_path):
-    from acr.pipeline import needs_classifier
 
     given = ["pipeline.labels=/some/labels"]
     assert needs_classifier(load_config(None, [])) and needs_classifier(load_config(None, given))
@@ -142,7 +141,7 @@ def test_a_search_finds_its_own_state_api_beside_another_ray_instance_and_has_tr
         proc = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0 and "actors " in proc.stdout, proc.stderr[-2000:]
-        # one trial slot (acr.tuning.TRIAL_SLOT) for the one trial that 2 CPUs hold: a resumed search runs its
+        # one trial slot (acr.tune.job.TRIAL_SLOT) for the one trial that 2 CPUs hold: a resumed search runs its
         # unfinished trials one at a time instead of all at once
         assert proc.stdout.strip().endswith("slots 1.0"), proc.stdout
     finally:

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from acr.config import Config, ConfigError, apply_overrides, load_config, parse_overrides, to_dict
+from acr.data.file_codecs import load_label_map
 from acr.data.shards import decode_image_bytes, decode_mask_bytes
 from acr.data.voc import DataError, load_image, load_mask
-from acr.refine.pseudo import load_label_map
 
 # Derandomized (the same examples on every run, so CI is reproducible; ACR_HYPOTHESIS_EXPLORE=1 draws new ones), no
 # example database written to the checkout.

@@ -13,12 +13,13 @@ import torch
 
 from acr.checkpoint import resolve_checkpoint, save_state
 from acr.config import Config, ConfigError, apply_overrides, load_config, to_dict
-from acr.models.factory import build_classifier
-from acr.pseudo.irn import build_irn
+from acr.data import file_codecs
 from acr.data.transforms import to_chw_normalized
+from acr.models.factory import build_classifier
 from acr.pseudo.job import check_stage_params, job_config
+from acr.pseudo.train_irn import build_irn
+from acr.refine import per_image
 from acr.refine.crf import CRF_PRESETS
-from acr.refine import pseudo
 from acr.storage import RunFolder
 from tests.conftest import TINY_OVERRIDES
 
@@ -71,30 +72,29 @@ def test_files_made_with_other_settings_are_not_reused(tmp_path):
 
 
 def test_per_image_steps_on_hand_made_cams(tmp_path):
-    import torch
 
     cams = np.zeros((2, 8, 8), np.float32)
     cams[0, :4] = 0.9  # class 2 (index 1 of keys) on the top half ...
     cams[1, 4:, :4] = 0.5  # ... class 5 bottom-left, weaker
     keys = np.array([1, 4])
-    seed = pseudo.seed_labels(cams, keys, 0.4)
+    seed = per_image.seed_labels(cams, keys, 0.4)
     assert (seed[:4] == 2).all() and (seed[4:, :4] == 5).all() and (seed[4:, 4:] == 0).all()
-    assert (pseudo.seed_labels(cams, keys, 0.6)[4:] == 0).all()  # the weaker class falls below the threshold
+    assert (per_image.seed_labels(cams, keys, 0.6)[4:] == 0).all()  # the weaker class falls below the threshold
     image = np.zeros((8, 8, 3), np.uint8)
     image[:4] = (200, 30, 30)
     image[4:, :4] = (30, 200, 30)
-    crf = pseudo.crf_labels(image, cams, keys, 0.4)
+    crf = per_image.crf_labels(image, cams, keys, 0.4)
     assert set(np.unique(crf)) <= {0, 2, 5} and crf[1, 1] == 2 and crf[6, 1] == 5
-    (tmp_path / "c.npz").write_bytes(pseudo.cams_bytes(cams, keys))
-    back, k = pseudo.load_cams(tmp_path / "c.npz")
+    (tmp_path / "c.npz").write_bytes(file_codecs.cams_bytes(cams, keys))
+    back, k = file_codecs.load_cams(tmp_path / "c.npz")
     assert np.allclose(back, cams, atol=1e-3) and k.tolist() == [1, 4]
-    assert pseudo.full_cams(back, k, 6)[[0, 2, 3, 5]].max() == 0 and pseudo.full_cams(back, k, 6)[4, 6, 1] == 0.5
-    (tmp_path / "m.png").write_bytes(pseudo.label_png_bytes(crf))
-    assert (pseudo.read_label_png(tmp_path / "m.png") == crf).all()
+    assert file_codecs.full_cams(back, k, 6)[[0, 2, 3, 5]].max() == 0 and file_codecs.full_cams(back, k, 6)[4, 6, 1] == 0.5
+    (tmp_path / "m.png").write_bytes(file_codecs.label_png_bytes(crf))
+    assert (file_codecs.read_label_png(tmp_path / "m.png") == crf).all()
     cfg = load_config(None, TINY_OVERRIDES)
     irn = build_irn(cfg)
     image_t = torch.zeros(3, 30, 22)
-    mask = pseudo.walk_labels(irn, image_t, np.zeros((2, 30, 22), np.float32) + 0.1, keys, 10.0, 2, 3, 1.0, 0.25)
+    mask = per_image.walk_labels(irn, image_t, np.zeros((2, 30, 22), np.float32) + 0.1, keys, 10.0, 2, 3, 1.0, 0.25)
     assert mask.shape == (30, 22) and set(np.unique(mask)) <= {2, 5}  # uniform CAMs: all foreground, no background
 
 
@@ -110,8 +110,8 @@ def test_the_mask_crf_snaps_the_walks_4_pixel_cells_to_the_image_edge():
     cams[0, :, :9] = 1.0
     image = torch.from_numpy(to_chw_normalized(raw))
     args = (irn, image, cams, np.array([2]), 10.0, 2, 3, 1.0, 0.5)
-    plain = pseudo.walk_labels(*args)
-    snapped = pseudo.walk_labels(*args, crf=(raw, CRF_PRESETS["psa"]))
+    plain = per_image.walk_labels(*args)
+    snapped = per_image.walk_labels(*args, crf=(raw, CRF_PRESETS["psa"]))
     truth = np.where(raw[..., 0] > 0, 3, 0)
     assert (snapped == truth).all()
     assert (plain != truth).sum() > 0  # without it, pixels of the straddled cell come out wrong

@@ -6,12 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from acr.checkpoint import load_state
 from acr.config import load_config
-from acr.train.driver import run_training
+from acr.data.ingest import epoch_permutation
+from acr.data.shards import write_shards
+from acr.data.sources import dataset_root
+from acr.data.voc import DataError
+from acr.train.job import run_training
 from tests.conftest import TINY_OVERRIDES
+from tests.test_shards import corrupt_one_row
 
 pytestmark = pytest.mark.slow
 
@@ -81,10 +85,6 @@ def test_train_evaluates_checkpoints_and_resumes(ray_cluster, cache_dir, tmp_pat
 
 
 def test_corrupt_row_stops_naming_it_or_is_skipped_and_counted(ray_cluster, cache_dir, tmp_path):
-    from acr.data.shards import write_shards
-    from acr.data.sources import dataset_root
-    from acr.data.voc import DataError
-    from tests.test_shards import corrupt_one_row
 
     base = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4", "eval.enabled=false"]
     root = dataset_root(_cfg(cache_dir, base))
@@ -92,7 +92,6 @@ def test_corrupt_row_stops_naming_it_or_is_skipped_and_counted(ray_cluster, cach
     manifest = write_shards("synthetic", root, out, 6, shard_rows=8, progress=False)
     # the stream's first two global batches of epoch 0 hold these 8 images; break one of them
     first = _cfg(cache_dir, base + [f"data.shards={out}"])
-    from acr.data.ingest import epoch_permutation
     victim = manifest["splits"]["train"]["shards"][0]["first_index"] + int(
         epoch_permutation(32, first.train.seed, 0)[1])
     victim_id = f"train_{victim:05d}"

@@ -7,11 +7,13 @@ from __future__ import annotations
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from acr.checkpoint import CheckpointError, load_state, save_state
+from acr.data.voc import DataError, _load_labels_file
 from acr.models.weights import WeightsError, load_backbone_weights
 from tests.conftest import REPO
 
@@ -77,9 +79,7 @@ def test_every_torch_load_in_the_code_is_weights_only():
 
 def test_psa_labels_npy_loads_and_a_malicious_one_is_refused(tmp_path):
     """psa/IRN's cls_labels.npy is an np.save'd dict (a pickle): read with numpy arrays as the only allowed objects."""
-    import numpy as np
 
-    from acr.data.voc import DataError, _load_labels_file
 
     good = tmp_path / "cls_labels.npy"
     np.save(good, {"2007_000032": np.array([1, 0, 0, 1], np.float32), "2007_000039": np.eye(4, dtype=np.float32)[2]})

@@ -1,9 +1,11 @@
 import pytest
 import torch
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from acr.config import OptimConfig, SRFConfig
-from acr.method.optim import build_optimizer, parameter_groups, set_poly_lr
+from acr.config import OptimConfig, SRFConfig, load_config
+from acr.method.optim import (build_optimizer, build_reconstructor_optimizer, parameter_groups, reconstructor_base_lr,
+                              set_poly_lr)
 from acr.method.schedules import cosine_warmup_factor, lr_factor, poly_factor, srf_probability
 
 
@@ -19,9 +21,7 @@ def test_cosine_warmup_by_hand_and_as_timms_scheduler_runs_it_for_mctformer():
     assert cosine_warmup_factor(1, 8, 2, 0.1, 0.2) == pytest.approx(0.55)
     assert cosine_warmup_factor(4, 8, 2, 0.1, 0.2) == pytest.approx(0.6)  # cos(pi / 2) = 0
     assert cosine_warmup_factor(100, 8, 2, 0.1, 0.2) == cosine_warmup_factor(7, 8, 2, 0.1, 0.2)
-    from timm.scheduler import CosineLRScheduler
 
-    from acr.config import load_config
     cfg = load_config(None, ["optim.lr_schedule=cosine_warmup", "optim.lr=5e-4", "train.epochs=60"])
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=5e-4)
     timm = CosineLRScheduler(opt, t_initial=60, lr_min=1e-5, warmup_t=5, warmup_lr_init=1e-6)  # MCTformer main.py
@@ -68,7 +68,6 @@ def test_layer_type_groups_and_momentum_bug_switch():
 
 
 def test_reconstructor_optimizer_adam_and_its_own_learning_rate():
-    from acr.method.optim import build_reconstructor_optimizer, reconstructor_base_lr
 
     net = _Net()
     cfg = OptimConfig(reconstructor_optimizer="adam", reconstructor_lr=2e-4, adam_betas=[0.5, 0.999])

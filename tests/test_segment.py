@@ -21,7 +21,7 @@ from acr.data.transforms import normalize, scale_flip_crop_pair
 from acr.data.voc import DataError
 from acr.method.schedules import poly_factor
 from acr.segment.job import run_segment
-from acr.segment.train import segmentation_loss
+from acr.segment.train_deeplab import segmentation_loss
 from acr.models.deeplab import DeepLab, predict_probabilities
 from tests.conftest import REPO
 

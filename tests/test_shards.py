@@ -5,19 +5,23 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from pycocotools.coco import COCO
 
-from acr.config import SyntheticConfig
+from acr.config import SyntheticConfig, load_config
 from acr.data.coco import category_map
 from acr.data.ingest import TrainRows, make_plan
-from acr.data.shards import (MANIFEST, ShardIndex, check_manifest, find_corrupt_rows, load_manifest, write_shards)
+from acr.data.shards import MANIFEST, ShardIndex, check_manifest, find_corrupt_rows, load_manifest, write_shards
 from acr.data.synthetic import generate
 from acr.data.voc import VOC_CLASSES, DataError
+from tests.conftest import REPO
 
 SMALL = SyntheticConfig(num_classes=4, image_size=64, train_images=12, val_images=4, context_classes=[0])
 
@@ -60,7 +64,6 @@ def test_voc_mini_round_trip_is_exact(voc_mini, tmp_path):
 
 
 def test_coco_mini_masks_and_labels_match_pycocotools(coco_mini, tmp_path):
-    from pycocotools.coco import COCO
 
     manifest = write_shards("coco", coco_mini, tmp_path / "coco", 80, progress=False)
     assert list(manifest["splits"]) == ["val2017"] and manifest["splits"]["val2017"]["rows"] == 10
@@ -139,7 +142,6 @@ def corrupt_one_row(out, manifest, split, row_id):
 
 
 def test_undecodable_row_is_named_by_shard_and_id(tmp_path):
-    from acr.config import load_config
 
     root = generate(SMALL, tmp_path / "data")
     out = tmp_path / "shards"
@@ -165,10 +167,7 @@ def test_undecodable_row_is_named_by_shard_and_id(tmp_path):
 
 
 def test_prepare_script_writes_manifest_and_refuses_output_inside_root(voc_mini, tmp_path):
-    import subprocess
-    import sys
 
-    from tests.conftest import REPO
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = tmp_path / "p"

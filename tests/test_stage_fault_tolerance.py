@@ -30,12 +30,12 @@ import pytest
 from PIL import Image
 
 from acr.config import Config, apply_overrides, load_config, parse_overrides
+from acr.data import file_codecs
 from acr.pseudo.job import job_config, run_pseudo_labels
-from acr.refine import pseudo
 from acr.runtime.session import read_latest
 from acr.segment.job import run_segment
 from acr.storage import RunFolder
-from acr.train.driver import run_local
+from acr.train.job import run_local
 from tests.conftest import REPO, TINY_OVERRIDES
 from tests.faults import assert_same_network, run_killed_at_first_checkpoint, run_with_a_worker_killed, s3_uri
 from tests.rayhead import ray_env
@@ -120,7 +120,7 @@ def pseudo_runs(voc_classifier, s3_endpoint, cache_dir, tmp_path_factory) -> dic
 
 def _copy_stage_files(local: Path, folder: RunFolder) -> None:
     """The per-image files of the stages before IRN (and their settings), as a job that got that far leaves them."""
-    for kind in (pseudo.CAMS, pseudo.CRF, pseudo.IR_LABELS):
+    for kind in (file_codecs.CAMS, file_codecs.CRF, file_codecs.IR_LABELS):
         for f in (local / kind).iterdir():
             folder.write_bytes(f"{kind}/{f.name}", f.read_bytes())
     folder.write_bytes("refine_params.json", (local / "refine_params.json").read_bytes())
@@ -139,8 +139,8 @@ def test_the_pseudo_label_job_on_real_voc_images(pseudo_runs, voc_mini):
     for p in masks:
         with Image.open(p) as im, Image.open(voc_mini / "JPEGImages" / f"{p.stem}.jpg") as jpg:
             assert im.mode == "P" and im.getpalette()[3:6] == [128, 0, 0] and im.size == jpg.size  # VOC palette
-        labels = set(np.unique(pseudo.read_label_png(p)).tolist())
-        cams, keys = pseudo.load_cams(out / "cams" / f"{p.stem}.npz")
+        labels = set(np.unique(file_codecs.read_label_png(p)).tolist())
+        cams, keys = file_codecs.load_cams(out / "cams" / f"{p.stem}.npz")
         assert labels <= {0, *(keys + 1).tolist()}  # only the image's own classes and background
     assert (out / "table3.md").read_text().count("|") > 20 and (out / "levels.png").stat().st_size > 5000
     assert json.loads((out / "summary.json").read_text())["mask_miou"] == summary["mask_miou"]
@@ -159,7 +159,7 @@ def test_irn_killed_twice_on_s3_ends_as_an_uninterrupted_run(pseudo_runs):
                                 TOLERANCE)
     print(f"IRN: largest difference from the uninterrupted run: {worst}")
     folder = pseudo_runs["folder"]
-    assert len(folder.names(pseudo.MASKS)) == IMAGES
+    assert len(folder.names(file_codecs.MASKS)) == IMAGES
     assert folder.read_json("summary.json")["mask_miou"] == summary["mask_miou"]
     for k in ("seed_miou", "crf_miou", "mask_miou"):  # the same network, the same masks
         assert summary[k] == pytest.approx(pseudo_runs["reference_summary"][k], abs=1e-6), k
@@ -234,7 +234,7 @@ def test_the_segment_script_on_real_voc_images(deeplab_runs, voc_mini):
             p = out / level / f"{i}.png"
             with Image.open(p) as im, Image.open(voc_mini / "JPEGImages" / f"{i}.jpg") as jpg:
                 assert im.mode == "P" and im.size == jpg.size and im.getpalette()[3:6] == [128, 0, 0]
-            assert pseudo.read_label_png(p).max() <= 20
+            assert file_codecs.read_label_png(p).max() <= 20
     assert (out / "predictions.png").stat().st_size > 5000 and (out / "loss.png").is_file()
 
 

@@ -9,7 +9,7 @@ import torch
 from acr.config import apply_overrides, load_config
 from acr.errors import WeightsError
 from acr.models.factory import build_classifier
-from acr.train.driver import resolve_pretrained
+from acr.train.job import resolve_pretrained
 from acr.train.standin import RECIPE, recipe_config, standin_path
 from tests.conftest import TINY_OVERRIDES
 

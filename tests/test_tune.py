@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from acr.config import ConfigError, load_config, to_dict
-from acr.tuning import load_space
+from acr.tune.job import concurrent_trials, load_space, trial_resources
 from tests.conftest import REPO, TINY_OVERRIDES
 
 
@@ -118,7 +118,6 @@ def test_search_killed_midway_resumes_and_best_yaml_reproduces_the_trial(cache_d
 
 
 def test_trials_at_once_follow_the_config_or_the_cluster():
-    from acr.tuning import concurrent_trials, trial_resources
 
     cfg = load_config(REPO / "configs/demo.yaml")  # 1 worker x 2 CPUs, 1 decode actor
     assert trial_resources(cfg) == {"CPU": pytest.approx(0.1 + 2 + 1 + 1), "GPU": 0.0}

@@ -1,18 +1,27 @@
 """The ViT variant: DeiT against timm, MCTformer-v2's maps on hand-computed tensors, weights from a timm-format file,
 gradient routing of both ACR phases with a ViT classifier, and bad input named."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
 
-from acr.config import load_config
-from acr.errors import ConfigError, WeightsError
+from acr.checkpoint import checkpoint_backbone, load_state
+from acr.config import apply_overrides, config_from_dict, load_config, to_dict
+from acr.errors import CheckpointError, ConfigError, WeightsError
 from acr.method.acr import Batch, classification_loss, cu_phase, ru_phase, sample_target
 from acr.models.factory import build_classifier, build_reconstructor
 from acr.models.mctformer import (MCTformerV2, class_attention_maps, class_token_scores, fuse_maps, head_mean,
                                   patch_affinity, refine_with_affinity)
 from acr.models.vit import VIT_SIZES, VisionTransformer, ViTFeatureMaps
-from tests.conftest import TINY_OVERRIDES
+from acr.pseudo.train_irn import load_trained_irn
+from acr.train.standin import recipe_config, standin_path
+from tests.conftest import REPO, TINY_OVERRIDES
+from tests.test_pipeline import PIPELINE
 
 VIT_OVERRIDES = TINY_OVERRIDES + ["model.backbone=deit_tiny", "model.vit.encoder_backbone=resnet18",
                                   "data.format=synthetic", "synthetic.num_classes=3"]
@@ -182,16 +191,7 @@ def test_vit_cu_phase_trains_only_the_classifier_and_reaches_it_through_the_map(
 def test_the_pipeline_runs_on_the_vit_from_its_standins(cache_dir, tmp_path):
     """ray_jobs/pipeline.py with the ViT preset: train.py's run (1 epoch, summary.json, overlays), pseudo-labels
     with IRN on the reconstructor's encoder, DeepLab started from that encoder."""
-    import json
-    import os
-    import subprocess
-    import sys
 
-    from acr.checkpoint import load_state
-    from acr.config import config_from_dict
-    from acr.pseudo.irn import load_trained_irn
-    from tests.conftest import REPO
-    from tests.test_pipeline import PIPELINE
 
     out = tmp_path / "pipe"
     args = [sys.executable, "ray_jobs/pipeline.py", "--config", "configs/demo_vit.yaml", "--output-dir", str(out),
@@ -225,7 +225,6 @@ def test_the_pipeline_runs_on_the_vit_from_its_standins(cache_dir, tmp_path):
 
 
 def test_the_vit_demo_shares_the_resnet_demos_encoder_standin():
-    from acr.train.standin import recipe_config, standin_path
 
     vit, demo = load_config("configs/demo_vit.yaml", []), load_config("configs/demo.yaml", [])
     assert standin_path(recipe_config(vit, backbone="resnet18")) == standin_path(recipe_config(demo))
@@ -235,7 +234,6 @@ def test_the_vit_demo_shares_the_resnet_demos_encoder_standin():
 
 
 def test_the_vit_map_choices_share_one_standin_and_what_shapes_its_weights_does_not():
-    from acr.train.standin import standin_path, recipe_config
 
     def path(*overrides):
         return standin_path(recipe_config(load_config("configs/demo_vit.yaml", list(overrides))))
@@ -247,9 +245,6 @@ def test_the_vit_map_choices_share_one_standin_and_what_shapes_its_weights_does_
 
 
 def test_irn_and_deeplab_take_a_cnn_of_the_checkpoint_named_by_the_choice(tmp_path):
-    from acr.checkpoint import checkpoint_backbone
-    from acr.config import apply_overrides, to_dict
-    from acr.errors import CheckpointError
 
     torch.manual_seed(0)
     cfg = load_config(None, VIT_OVERRIDES)
@@ -278,8 +273,6 @@ def test_irn_and_deeplab_take_a_cnn_of_the_checkpoint_named_by_the_choice(tmp_pa
 
 
 def test_a_vit_blocks_encoder_starts_from_the_deit_file_and_is_no_cnn_for_irn(tmp_path):
-    from acr.checkpoint import checkpoint_backbone
-    from acr.config import to_dict
 
     deit = _timm_deit().float()
     weights = tmp_path / "deit_tiny.pth"
@@ -302,13 +295,7 @@ def test_a_vit_blocks_encoder_starts_from_the_deit_file_and_is_no_cnn_for_irn(tm
 @pytest.mark.slow
 def test_tune_searches_acr_on_the_vit(cache_dir, tmp_path):
     """ray_jobs/tune.py with the ViT preset: two trials of ACR on MCTformer-v2, and best.yaml keeps the ViT."""
-    import json
-    import os
-    import subprocess
-    import sys
 
-    from acr.checkpoint import load_state
-    from tests.conftest import REPO
 
     out, space = tmp_path / "tune", tmp_path / "space.yaml"
     space.write_text("method.srf.grid_size: {categorical: [4, 8]}\nmethod.cu_target_weight: {uniform: [0.2, 1.2]}\n")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from acr.data import file_codecs
 from acr.data.ingest import labelled_rows
 from acr.data.shards import decode_image_bytes
 from acr.errors import DataError
 from acr.metrics import Confusions
-from acr.refine import pseudo
+from acr.refine import per_image
 from acr.runtime.stages import ImageFiles
 
 LEVELS = ("seed", "crf", "mask")
@@ -17,10 +18,10 @@ PAPER_TABLE3 = {"seed": 60.3, "crf": 65.9, "mask": 72.3}  # ACR (CVPR 2023) Tabl
 
 
 def _maps(files: ImageFiles, image_id: str, threshold: float) -> dict[str, np.ndarray]:
-    cams, keys = pseudo.load_cams(files.read(pseudo.CAMS, image_id))
-    maps = {"seed": pseudo.seed_labels(cams, keys, threshold)}
-    for level, kind in (("crf", pseudo.CRF), ("mask", pseudo.MASKS), ("ir", pseudo.IR_LABELS)):
-        maps[level] = pseudo.read_label_png(files.read(kind, image_id), files.where(kind, image_id))
+    cams, keys = file_codecs.load_cams(files.read(file_codecs.CAMS, image_id))
+    maps = {"seed": per_image.seed_labels(cams, keys, threshold)}
+    for level, kind in (("crf", file_codecs.CRF), ("mask", file_codecs.MASKS), ("ir", file_codecs.IR_LABELS)):
+        maps[level] = file_codecs.read_label_png(files.read(kind, image_id), files.where(kind, image_id))
     return maps
 
 

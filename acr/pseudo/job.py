@@ -11,17 +11,17 @@ import ray.data
 
 from acr.checkpoint import backbone_source, load_state, resolve_checkpoint
 from acr.config import Config, apply_overrides, config_from_dict, num_classes, to_dict, validate
+from acr.data import file_codecs
 from acr.data.sources import ensure_shards
 from acr.errors import ConfigError
-from acr.pseudo.cams import CamStage
 from acr.pseudo.evaluate import evaluate_levels, table3
-from acr.pseudo.irn import train_irn
-from acr.pseudo.refine import refine_rows, seed_threshold
-from acr.pseudo.walk import WalkStage
-from acr.refine import pseudo
+from acr.pseudo.make_cams import CamStage
+from acr.pseudo.make_masks import WalkStage
+from acr.pseudo.seed_and_crf import refine_rows, seed_threshold
+from acr.pseudo.train_irn import train_irn
 from acr.refine.crf import CRF_PRESETS
+from acr.runtime.boundary import reraise_root_cause
 from acr.runtime.cluster import init_ray, job_nodes
-from acr.runtime.errors import reraise_root_cause
 from acr.runtime.reach import require_reachable, stage_inputs
 from acr.runtime.stages import ImageFiles, positions, run_stage, split_ids
 from acr.storage import RunFolder
@@ -62,7 +62,7 @@ def _stages(cfg: Config, folder: RunFolder, files: ImageFiles, ids: list[str], s
     ps, n_classes, stages = cfg.pseudo, num_classes(cfg), summary["stages"]
     actor = dict(num_cpus=ps.actor_cpus, batch_size=4, num_gpus=1 if cfg.scaling.use_gpu else 0,
                  compute=ray.data.ActorPoolStrategy(size=ps.actors))
-    stages["cams"] = run_stage("cams", files, ids, (pseudo.CAMS,), lambda order: positions(len(order)).map_batches(
+    stages["cams"] = run_stage("cams", files, ids, (file_codecs.CAMS,), lambda order: positions(len(order)).map_batches(
         CamStage, fn_constructor_kwargs=dict(checkpoint=ps.checkpoint, files=files, scales=ps.scales, flip=ps.flip,
                                              shards=shards, where=where, order=order), **actor))
     t0 = time.perf_counter()
@@ -73,8 +73,8 @@ def _stages(cfg: Config, folder: RunFolder, files: ImageFiles, ids: list[str], s
     summary["conf_fg_threshold"] = fg
     check_stage_params(folder, {"seed_threshold": threshold, "crf": ps.crf, "conf_fg_threshold": fg,
                                 "conf_bg_threshold": ps.conf_bg_threshold}, "refine",
-                       f"{folder.uri(pseudo.CRF)} and {folder.uri(pseudo.IR_LABELS)}")
-    stages["refine"] = run_stage("crf + confident labels", files, ids, (pseudo.CRF, pseudo.IR_LABELS),
+                       f"{folder.uri(file_codecs.CRF)} and {folder.uri(file_codecs.IR_LABELS)}")
+    stages["refine"] = run_stage("crf + confident labels", files, ids, (file_codecs.CRF, file_codecs.IR_LABELS),
                                  lambda order: positions(len(order)).map_batches(refine_rows, fn_kwargs=dict(
                                      files=files, threshold=threshold, crf=ps.crf, fg=fg,
                                      bg=ps.conf_bg_threshold, num_classes=n_classes, shards=shards, where=where,
@@ -87,8 +87,8 @@ def _stages(cfg: Config, folder: RunFolder, files: ImageFiles, ids: list[str], s
     summary["mask_bg_threshold"] = cfg.pseudo.sem_seg_bg_threshold
     check_stage_params(folder, {"mask_bg_threshold": cfg.pseudo.sem_seg_bg_threshold, "beta": ps.beta,
                                 "exp_times": ps.exp_times, "walk_radius": ps.walk_radius, "cam_power": ps.cam_power,
-                                "mask_crf": ps.mask_crf}, "masks", folder.uri(pseudo.MASKS))
-    stages["masks"] = run_stage("masks", files, ids, (pseudo.MASKS,), lambda order: positions(len(order)).map_batches(
+                                "mask_crf": ps.mask_crf}, "masks", folder.uri(file_codecs.MASKS))
+    stages["masks"] = run_stage("masks", files, ids, (file_codecs.MASKS,), lambda order: positions(len(order)).map_batches(
         WalkStage, fn_constructor_kwargs=dict(cfg_dict=to_dict(cfg), files=files, shards=shards, where=where,
                                               order=order), **actor))
 
@@ -106,7 +106,7 @@ def run_pseudo_labels(cfg: Config, out: str | Path) -> dict:
     require_reachable(cfg, {"pseudo.checkpoint": ps.checkpoint})
     uri = cfg.data.shards or uri
     shards, where = (uri, manifest, ps.split), f"the {ps.split} shards in {uri}"
-    files = ImageFiles(folder, pseudo.SUFFIXES)
+    files = ImageFiles(folder, file_codecs.SUFFIXES)
     summary = {"checkpoint": ps.checkpoint, "split": ps.split, "num_images": len(ids), "shards": uri, "stages": {}}
     try:
         _stages(cfg, folder, files, ids, shards, where, summary)

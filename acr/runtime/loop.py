@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from acr.config import Config, config_from_dict
 from acr.method.optim import guarded_step, set_poly_lr
 from acr.runtime.collectives import reduce_mean
-from acr.runtime.session import Session
+from acr.runtime.logs import setup_logging
+from acr.runtime.session import RaySession, Session, set_worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +72,16 @@ def epoch_datasets(plan: LoopPlan, make_epoch: Callable[[int, int], object], wor
         target_num_rows_per_block=plan.batch_size // workers, strict=True) for e in range(e0, plan.epochs)}
 
 
-def start_stream(session: Session, plan: LoopPlan) -> LoopPlan:
-    """Ask for the plan's first epoch's stream before the network is built: its coordinator (a process of its own)
-    starts meanwhile instead of after. Returns the plan."""
+def start_worker(loop_config: dict) -> tuple[Config, RaySession, LoopPlan]:
+    """A TorchTrainer function's start: logging, its config, session and plan, its threads, and torch's seed (the
+    network's initial weights: the same in every run). The first epoch's stream is asked for before the network is
+    built: its coordinator (a process of its own) starts meanwhile instead of after."""
+    setup_logging()
+    cfg, session, plan = config_from_dict(loop_config["config"]), RaySession(), LoopPlan(**loop_config["plan"])
     session.dataset(f"epoch{plan.start[0]}")
-    return plan
+    set_worker_threads(cfg)
+    torch.manual_seed(cfg.train.seed)
+    return cfg, session, plan
 
 
 def restore_into(session: Session, model: nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:

@@ -16,7 +16,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from acr.config import Config
-from acr.runtime.errors import reraise_root_cause
+from acr.runtime.boundary import reraise_root_cause
 from acr.storage import RunFolder
 
 # Ray starts every worker process at niceness 15 (RAY_worker_niceness), below the driver. Training workers are the
@@ -50,7 +50,7 @@ def build_trainer(train_fn: Callable[[dict], None], loop_config: dict, output_di
 
 
 def fit(trainer: TorchTrainer) -> ray.train.Result:
-    """Run the trainer; a failure is raised as the error its worker raised (see acr.runtime.errors)."""
+    """Run the trainer; a failure is raised as the error its worker raised (see acr.runtime.boundary)."""
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:

@@ -12,18 +12,18 @@ from tqdm import tqdm
 
 from acr.checkpoint import checkpoint_backbone, load_state, resolve_checkpoint
 from acr.config import Config, apply_overrides, config_from_dict, num_classes, to_dict, validate
+from acr.data import file_codecs
 from acr.data.shards import iter_split_rows
 from acr.data.sources import ensure_shards
 from acr.errors import ConfigError, DataError
-from acr.refine import pseudo
 from acr.refine.crf import CRF_PRESETS
+from acr.runtime.boundary import reraise_root_cause
 from acr.runtime.cluster import init_ray, job_nodes
-from acr.runtime.errors import reraise_root_cause
 from acr.runtime.reach import require_reachable, stage_inputs
 from acr.runtime.session import resume_point
 from acr.runtime.stages import ImageFiles, positions, run_stage, split_ids
 from acr.segment.predict import LEVELS, PredictStage, evaluate_predictions
-from acr.segment.train import GT, MODEL_DIR, load_trained, train_deeplab
+from acr.segment.train_deeplab import GT, MODEL_DIR, load_trained, train_deeplab
 from acr.storage import RunFolder
 from acr.viz import save_label_panels, save_loss_curve
 
@@ -38,8 +38,8 @@ def resolve_labels(labels: str | None) -> str:
     if labels == GT:
         return GT
     folder = RunFolder(labels)
-    if folder.names(pseudo.MASKS):
-        return folder.sub(pseudo.MASKS).location if folder.uri_prefix else str(Path(folder.path) / pseudo.MASKS)
+    if folder.names(file_codecs.MASKS):
+        return folder.sub(file_codecs.MASKS).location if folder.uri_prefix else str(Path(folder.path) / file_codecs.MASKS)
     if folder.names():
         return folder.location if folder.uri_prefix else folder.path
     raise ConfigError(f"segment.labels={labels}: not a folder of <id>.png label maps, a pseudo-label job folder, "
@@ -90,7 +90,7 @@ def check_labels(labels: str, uri: str, manifest: dict, split: str, max_images: 
                         f"'{split}', e.g. {', '.join(missing[:3])}")
     for image_id, shape in tqdm(rows, desc="checking label maps", unit="img", mininterval=2, disable=len(rows) < 500):
         name = f"{image_id}.png"
-        pseudo.load_label_map(folder.read_bytes(name), folder.uri(name), shape, n_classes)
+        file_codecs.load_label_map(folder.read_bytes(name), folder.uri(name), shape, n_classes)
 
 
 def _check_train_params(folder: RunFolder, params: dict) -> None:

@@ -7,16 +7,16 @@ import numpy as np
 import torch
 
 from acr.config import Config
+from acr.data import file_codecs
 from acr.data.ingest import labelled_rows
 from acr.data.shards import ShardReader, decode_image_bytes
 from acr.data.transforms import to_chw_normalized
 from acr.errors import DataError
 from acr.metrics import Confusions
 from acr.models.deeplab import predict_probabilities
-from acr.refine import pseudo
 from acr.refine.crf import CRF_PRESETS, crf_inference
 from acr.runtime.stages import ImageFiles, actor_device, made, rows_of
-from acr.segment.train import load_trained
+from acr.segment.train_deeplab import load_trained
 
 LEVELS = {"pred": "single scale", "pred_ms": "multi-scale + flip", "pred_crf": "multi-scale + flip + CRF"}
 SUFFIXES = {"pred": "", "pred_ms": "_ms", "pred_crf": "_crf"}  # summary keys: val_miou, val_miou_ms, val_miou_crf
@@ -40,7 +40,7 @@ class PredictStage:
             maps = {"pred": single.argmax(0).cpu().numpy(), "pred_ms": multi.argmax(0),
                     "pred_crf": crf_inference(raw, multi, CRF_PRESETS[self.sg.crf]).argmax(0)}
             for kind, m in maps.items():
-                self.files.write(kind, rec["id"], pseudo.label_png_bytes(m.astype(np.uint8)))
+                self.files.write(kind, rec["id"], file_codecs.label_png_bytes(m.astype(np.uint8)))
             ids.append(rec["id"])
         return made(ids)
 
@@ -50,7 +50,7 @@ def evaluate_predictions(files: ImageFiles, uri: str, manifest: dict, split: str
     """[3] Each level's scores against the ground truth of `split` (keys val_miou[_ms|_crf], val_precision...)."""
     conf, items, count = Confusions(n_classes + 1), [], 0
     for image_id, gt, row in labelled_rows(uri, manifest, split, max_images, n_classes):
-        maps = {k: pseudo.read_label_png(files.read(k, image_id), files.where(k, image_id)) for k in LEVELS}
+        maps = {k: file_codecs.read_label_png(files.read(k, image_id), files.where(k, image_id)) for k in LEVELS}
         for k, m in maps.items():
             if m.shape != gt.shape:
                 raise DataError(f"{files.where(k, image_id)}: {m.shape} but the image is {gt.shape}")

@@ -7,7 +7,7 @@ the embedded default's classifier does not localise anything within a CPU budget
 progress bar), cached beside the synthetic dataset under a name keyed by what it depends on (the generator version,
 the backbone, the whole resolved recipe), and then taken exactly as real ImageNet weights are
 (acr.models.weights.load_backbone_weights). `python ray_jobs/standin.py` makes it ahead of time.
-Each job resolves it after checking its data (acr.train.driver.resolve_pretrained).
+Each job resolves it after checking its data (acr.train.job.resolve_pretrained).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def standin_path(recipe: Config) -> Path:
 
 def standin_weights(cfg: Config, train: Callable, backbone: str | None = None, epochs: int | None = None) -> Path:
     """The stand-in weights file for `cfg`, made now with `train(cfg, folder, on_report=...)` (the plain training
-    loop, acr.train.driver.run_local) if it is not cached."""
+    loop, acr.train.job.run_local) if it is not cached."""
     recipe = recipe_config(cfg, backbone, epochs)
     out = standin_path(recipe)
     if out.is_file():
@@ -123,7 +123,7 @@ def standin_weights(cfg: Config, train: Callable, backbone: str | None = None, e
 
 def resolve_standin(cfg: Config, train: Callable, model: bool = True, segment: bool = False) -> Config:
     """`cfg` with `model.pretrained` (and with `segment`, `segment.pretrained`) = "standin" replaced by the
-    stand-in's file: each job resolves the networks it builds (acr.train.driver.resolve_pretrained)."""
+    stand-in's file: each job resolves the networks it builds (acr.train.job.resolve_pretrained)."""
     changes = {}
     if model and cfg.model.pretrained == STANDIN:
         changes["model.pretrained"] = str(standin_weights(cfg, train))

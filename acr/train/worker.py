@@ -234,7 +234,7 @@ def _epoch_stats(run: Run, epoch: int, q: float, sums: dict, n_steps: int, t_ste
 
 def run_worker(loop_config: dict, session: Session) -> None:
     """`loop_config`: {"config": to_dict(cfg), "shards": URI, "manifest": dict, "plan": TrainPlan dict} (see
-    acr.train.driver.prepare_run); `session` gives rank, device, checkpoints and the Ray Data shards."""
+    acr.train.job.prepare_run); `session` gives rank, device, checkpoints and the Ray Data shards."""
     cfg = config_from_dict(loop_config["config"])
     uri, manifest, plan = loop_config["shards"], loop_config["manifest"], TrainPlan(**loop_config["plan"])
     _check_worker(cfg, plan, session)

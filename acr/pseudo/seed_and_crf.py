@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from acr.data import file_codecs
 from acr.data.ingest import labelled_rows
 from acr.data.shards import ShardReader, decode_image_bytes
 from acr.errors import ConfigError
 from acr.metrics import Confusions, best_threshold, threshold_sweep_confusion, thresholds_from
-from acr.refine import pseudo
+from acr.refine import per_image
 from acr.refine.crf import CRF_PRESETS
 from acr.runtime.stages import ImageFiles, made, rows_of
 
@@ -21,8 +22,8 @@ def seed_threshold(cfg, files: ImageFiles, uri: str, manifest: dict, n_classes: 
     thresholds = thresholds_from(cfg.eval.thresholds)
     sweep, n = Confusions(n_classes + 1), 0
     for image_id, gt, _ in labelled_rows(uri, manifest, ps.split, ps.max_images, n_classes):
-        cams, keys = pseudo.load_cams(files.read(pseudo.CAMS, image_id))
-        sweep.add_matrix("seed", threshold_sweep_confusion(pseudo.full_cams(cams, keys, n_classes), gt, thresholds))
+        cams, keys = file_codecs.load_cams(files.read(file_codecs.CAMS, image_id))
+        sweep.add_matrix("seed", threshold_sweep_confusion(file_codecs.full_cams(cams, keys, n_classes), gt, thresholds))
         n += 1
     out = {"images_with_ground_truth": n}
     if ps.seed_threshold is not None:
@@ -45,10 +46,10 @@ def refine_rows(batch: dict, files: ImageFiles, threshold: float, crf: str, fg: 
     for rec in rows_of(ShardReader(*shards), batch, order):
         image_id = rec["id"]
         raw = decode_image_bytes(rec["image"], f"image '{image_id}' of {where}")
-        cams, keys = pseudo.load_cams(files.read(pseudo.CAMS, image_id))
-        files.write(pseudo.CRF, image_id,
-                    pseudo.label_png_bytes(pseudo.crf_labels(raw, cams, keys, threshold, CRF_PRESETS[crf])))
-        files.write(pseudo.IR_LABELS, image_id,
-                    pseudo.label_png_bytes(pseudo.ir_labels(raw, cams, keys, num_classes, fg, bg)))
+        cams, keys = file_codecs.load_cams(files.read(file_codecs.CAMS, image_id))
+        files.write(file_codecs.CRF, image_id,
+                    file_codecs.label_png_bytes(per_image.crf_labels(raw, cams, keys, threshold, CRF_PRESETS[crf])))
+        files.write(file_codecs.IR_LABELS, image_id,
+                    file_codecs.label_png_bytes(per_image.ir_labels(raw, cams, keys, num_classes, fg, bg)))
         ids.append(image_id)
     return made(ids)

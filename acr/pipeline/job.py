@@ -1,6 +1,6 @@
 """The paper's whole pipeline in one process and one Ray (ray_jobs/pipeline.py), each stage in its own folder:
 
-    [1] 1_cams/           the classifier: a Ray Tune search (pipeline.search, acr.tuning) or one training run
+    [1] 1_cams/           the classifier: a Ray Tune search (pipeline.search, acr.tune.job) or one training run
                           (acr.train); or pipeline.checkpoint, a given one
     [2] 2_pseudo_labels/  CAMs -> CRF -> IRN -> masks (acr.pseudo); or pipeline.labels, given label maps
     [3] 3_deeplab/        DeepLab trained on the pseudo-labels, evaluated on segment.val_split (acr.segment)
@@ -25,10 +25,10 @@ from acr.pseudo.job import job_config, run_pseudo_labels
 from acr.runtime.cluster import init_ray, job_cpus, job_nodes
 from acr.runtime.reach import driver_disk_is_shared, stage_inputs
 from acr.segment.job import resolve_labels, run_segment
-from acr.segment.train import GT
+from acr.segment.train_deeplab import GT
 from acr.storage import RunFolder
-from acr.train.driver import run_training
-from acr.tuning import run_tune
+from acr.train.job import run_training
+from acr.tune.job import run_tune
 from acr.viz import save_report_plot
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ import torch
 
 from acr.cam import infer_cams
 from acr.checkpoint import load_classifier
+from acr.data import file_codecs
 from acr.data.shards import ShardReader, decode_image_bytes
 from acr.data.transforms import to_chw_normalized
-from acr.refine import pseudo
 from acr.runtime.stages import ImageFiles, actor_device, made, rows_of
 
 
@@ -32,6 +32,6 @@ class CamStage:
             lab = torch.from_numpy(labels.astype(np.float32)).to(self.device)
             cams = infer_cams(self.model, image, lab, self.scales, self.flip).float().cpu().numpy()
             keys = np.nonzero(labels > 0)[0]
-            self.files.write(pseudo.CAMS, rec["id"], pseudo.cams_bytes(cams[keys], keys))
+            self.files.write(file_codecs.CAMS, rec["id"], file_codecs.cams_bytes(cams[keys], keys))
             ids.append(rec["id"])
         return made(ids)

@@ -20,17 +20,17 @@ import numpy as np
 import torch
 
 from acr.checkpoint import checkpoint_backbone, load_state
-from acr.config import Config, config_from_dict, stage_workers, to_dict
+from acr.config import Config, stage_workers, to_dict
+from acr.data import file_codecs
 from acr.data.shards import ShardReader, decode_image_bytes
 from acr.data.transforms import scale_flip_crop_pair
 from acr.errors import CheckpointError, ConfigError
 from acr.models.backbones import build_backbone
-from acr.refine import pseudo
-from acr.refine.irn import IRNet, affinity_labels, boundary_loss, path_affinity, path_offsets
+from acr.models.irn import IRNet
+from acr.refine.irn import affinity_labels, boundary_loss, path_affinity, path_offsets
 from acr.runtime.collectives import batch_denominator
-from acr.runtime.logs import setup_logging
-from acr.runtime.loop import LoopPlan, epoch_datasets, start_stream, train_epochs
-from acr.runtime.session import RaySession, read_latest, resume_point, set_worker_threads
+from acr.runtime.loop import LoopPlan, epoch_datasets, start_worker, train_epochs
+from acr.runtime.session import read_latest, resume_point
 from acr.runtime.stages import ImageFiles, epoch_order, positions, rows_of
 from acr.runtime.trainer import build_trainer, fit
 from acr.storage import RunFolder
@@ -60,7 +60,7 @@ def irn_samples(batch: dict, files: ImageFiles, crop: int, resize_range: list[fl
         image_id = rec["id"]
         rng = np.random.default_rng([seed, epoch, zlib.crc32(image_id.encode())])
         raw = decode_image_bytes(rec["image"], f"image '{image_id}' of {where}")
-        label = pseudo.read_label_png(files.read(pseudo.IR_LABELS, image_id), files.where(pseudo.IR_LABELS, image_id))
+        label = file_codecs.read_label_png(files.read(file_codecs.IR_LABELS, image_id), files.where(file_codecs.IR_LABELS, image_id))
         image, lab = scale_flip_crop_pair(raw, label, rng, resize_range, crop)
         images.append(image)
         labels.append(lab[::4, ::4])
@@ -70,12 +70,8 @@ def irn_samples(batch: dict, files: ImageFiles, crop: int, resize_range: list[fl
 
 def irn_worker(config: dict) -> None:
     """The TorchTrainer function: IRN trained by the shared resumable loop (acr.runtime.loop)."""
-    setup_logging()
-    cfg = config_from_dict(config["config"])
-    ps, session = cfg.pseudo, RaySession()
-    plan = start_stream(session, LoopPlan(**config["plan"]))
-    set_worker_threads(cfg)
-    torch.manual_seed(cfg.train.seed)  # the boundary branch's initial weights: the same in every run
+    cfg, session, plan = start_worker(config)
+    ps = cfg.pseudo
     irn = build_irn(cfg, config["checkpoint"], session.device)
     params = [p for p in irn.parameters() if p.requires_grad]
     opt = torch.optim.SGD([{"params": params, "lr_mult": 1.0}], lr=ps.irn_lr, weight_decay=ps.irn_weight_decay)
@@ -111,7 +107,7 @@ def train_irn(cfg: Config, job: RunFolder, ckpt: str, shards: tuple, total: int,
         state = read_latest(folder).state
         return {"kept": True, "history": state["history"], "resumes": state.get("resumes", [])}
     plan, workers = irn_plan(cfg, total, start), stage_workers(cfg, "irn")
-    files = ImageFiles(job, pseudo.SUFFIXES)
+    files = ImageFiles(job, file_codecs.SUFFIXES)
     datasets = epoch_datasets(plan, lambda e, first: positions(plan.steps_per_epoch * plan.batch_size - first)
                               .map_batches(irn_samples, batch_size=8, num_cpus=ps.actor_cpus, fn_kwargs=dict(
                                   files=files, crop=ps.irn_crop_size, resize_range=ps.irn_resize_range,

@@ -17,16 +17,15 @@ import torch.nn.functional as F
 
 from acr.checkpoint import checkpoint_backbone, load_state
 from acr.config import Config, config_from_dict, num_classes, stage_workers, to_dict
+from acr.data import file_codecs
 from acr.data.shards import ShardReader, decode_image_bytes, decode_mask_bytes
 from acr.data.transforms import scale_flip_crop_pair
 from acr.errors import CheckpointError, ConfigError, DataError
 from acr.method.step import autocast_context
 from acr.models.deeplab import DeepLab, build_deeplab
-from acr.refine import pseudo
 from acr.runtime.collectives import batch_denominator
-from acr.runtime.logs import setup_logging
-from acr.runtime.loop import LoopPlan, epoch_datasets, start_stream, train_epochs
-from acr.runtime.session import RaySession, read_latest, resume_point, set_worker_threads
+from acr.runtime.loop import LoopPlan, epoch_datasets, start_worker, train_epochs
+from acr.runtime.session import read_latest, resume_point
 from acr.runtime.stages import epoch_order, positions, rows_of
 from acr.runtime.trainer import build_trainer, fit
 from acr.storage import RunFolder
@@ -52,7 +51,7 @@ def read_label(labels: str, rec: dict, raw_shape: tuple, n_classes: int, where: 
         return decode_mask_bytes(rec["mask"], f"'{rec['id']}' of {where}", n_classes)
     folder = RunFolder(labels)
     name = f"{rec['id']}.png"
-    return pseudo.load_label_map(folder.read_bytes(name), folder.uri(name), raw_shape[:2], n_classes)
+    return file_codecs.load_label_map(folder.read_bytes(name), folder.uri(name), raw_shape[:2], n_classes)
 
 
 def segment_samples(batch: dict, labels: str, crop: int, scale_range: list[float], flip: bool, seed: int,
@@ -85,12 +84,8 @@ def build_model(cfg: Config, init: str | None = None) -> DeepLab:
 
 def segment_worker(config: dict) -> None:
     """The TorchTrainer function: DeepLab trained by the shared resumable loop (acr.runtime.loop)."""
-    setup_logging()
-    cfg = config_from_dict(config["config"])
-    sg, session = cfg.segment, RaySession()
-    plan = start_stream(session, LoopPlan(**config["plan"]))
-    set_worker_threads(cfg)
-    torch.manual_seed(cfg.train.seed)  # the head's (and a random backbone's) initial weights: the same in every run
+    cfg, session, plan = start_worker(config)
+    sg = cfg.segment
     model = build_model(cfg, config["init_backbone"]).to(session.device)
     opt = torch.optim.SGD(model.param_groups(sg.lr, sg.head_lr_multiplier), lr=sg.lr, momentum=sg.momentum,
                           weight_decay=sg.weight_decay)

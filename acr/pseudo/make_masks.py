@@ -6,10 +6,11 @@ import numpy as np
 import torch
 
 from acr.config import config_from_dict
+from acr.data import file_codecs
 from acr.data.shards import ShardReader, decode_image_bytes
 from acr.data.transforms import to_chw_normalized
-from acr.pseudo.irn import load_trained_irn
-from acr.refine import pseudo
+from acr.pseudo.train_irn import load_trained_irn
+from acr.refine import per_image
 from acr.refine.crf import CRF_PRESETS
 from acr.runtime.stages import ImageFiles, actor_device, made, rows_of
 
@@ -27,11 +28,11 @@ class WalkStage:
         for rec in rows_of(self.reader, batch, self.order):
             image_id = rec["id"]
             raw = decode_image_bytes(rec["image"], f"image '{image_id}' of {self.where}")
-            cams, keys = pseudo.load_cams(self.files.read(pseudo.CAMS, image_id))
+            cams, keys = file_codecs.load_cams(self.files.read(file_codecs.CAMS, image_id))
             image = torch.from_numpy(to_chw_normalized(raw)).to(self.device)
             crf = (raw, CRF_PRESETS[ps.crf]) if ps.mask_crf else None
-            mask = pseudo.walk_labels(self.irn, image, cams, keys, ps.beta, ps.exp_times, ps.walk_radius,
+            mask = per_image.walk_labels(self.irn, image, cams, keys, ps.beta, ps.exp_times, ps.walk_radius,
                                       ps.cam_power, ps.sem_seg_bg_threshold, crf)
-            self.files.write(pseudo.MASKS, image_id, pseudo.label_png_bytes(mask))
+            self.files.write(file_codecs.MASKS, image_id, file_codecs.label_png_bytes(mask))
             ids.append(image_id)
         return made(ids)

@@ -38,8 +38,8 @@ from acr.runtime.cluster import TRIAL_SLOT, concurrent_trials, init_ray, job_nod
 from acr.runtime.reach import driver_disk_is_shared, stage_inputs
 from acr.runtime.session import resume_point
 from acr.storage import RunFolder
-from acr.train.driver import prepare_run, resolve_pretrained, training_trainer
 from acr.train.evaluate import evaluate_split
+from acr.train.job import prepare_run, resolve_pretrained, training_trainer
 from acr.train.worker import EVAL_FILE, HISTORY_FILE
 from acr.viz import save_trial_plots
 
