@@ -125,8 +125,8 @@ def loss_deviation(losses: list[dict], reference: list[dict]) -> list[tuple[str,
 def write_benchmarks_md(section: str, text: str) -> None:
     path = REPO / "BENCHMARKS.md"
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
-    doc = path.read_text() if path.is_file() else "# Benchmarks\n\nEvery table below is written by a script in " \
-                                                   "`benchmarks/`; rerun it to refresh.\n"
+    doc = path.read_text() if path.is_file() else "# Benchmarks and experiments\n\nEvery table is written by a " \
+                                                   "script of `benchmarks/` or `experiments/`; rerun it to refresh.\n"
     block = f"{begin}\n{text}{end}"
     if begin in doc:
         doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
