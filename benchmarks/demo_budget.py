@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 import matplotlib.image as mpimg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,6 @@ def demo_run(name: str, cache: Path, out: Path) -> dict:
 
 def save_overlay_rows(run: Path, out: Path, rows: int = 3, of: int = 8) -> None:
     """The first `rows` of a run's cam_overlays.png (of its `of` rows): docs/demo.md's picture of what the demo does."""
-
     picture = mpimg.imread(run / "cam_overlays.png")
     mpimg.imsave(out, picture[: picture.shape[0] // of * rows])
 
