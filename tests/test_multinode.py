@@ -246,9 +246,9 @@ def test_the_pseudo_label_job_loses_a_node_in_a_per_image_stage_and_in_irn(clust
     assert_same_network(folder.sub("irn"), reference.sub("irn"), TOLERANCE)
 
 
-# DeepLab on the 4 labelled images: 2 epochs of 2 steps of 2 images, a checkpoint after every step; 4 val images
+# DeepLab on the 4 labelled images: 2 epochs of 2 steps of 2 images, a checkpoint after every step; 2 val images
 SEGMENT = ["segment.backbone=resnet18", "segment.output_stride=16", "segment.epochs=2", "segment.max_images=4",
-           "segment.max_val_images=4", "segment.batch_size=2", "segment.crop_size=64", "segment.eval_scales=[1.0]",
+           "segment.max_val_images=2", "segment.batch_size=2", "segment.crop_size=64", "segment.eval_scales=[1.0]",
            "segment.eval_flip=false", "segment.actors=2", "segment.overlays=2", "segment.checkpoint_every_steps=1",
            "segment.pretrained=null", "scaling.max_failures=1", "train.threads_per_worker=1"]
 

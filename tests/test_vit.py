@@ -197,7 +197,8 @@ def test_the_pipeline_runs_on_the_vit_from_its_standins(cache_dir, tmp_path):
     args = [sys.executable, "ray_jobs/pipeline.py", "--config", "configs/demo_vit.yaml", "--output-dir", str(out),
             *TINY_OVERRIDES, *PIPELINE, f"data.cache_dir={cache_dir}", "synthetic.num_classes=3",
             "model.backbone=deit_tiny", "model.output_stride=16", "model.pretrained=standin",
-            "model.vit.encoder_pretrained=standin", "train.log_every_steps=1", "pipeline.upper_bound=false"]
+            "model.vit.encoder_pretrained=standin", "train.log_every_steps=1", "pipeline.upper_bound=false",
+            "segment.epochs=1", "segment.max_val_images=2"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
