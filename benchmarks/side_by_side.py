@@ -194,9 +194,19 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile every block (both implementations)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--render", action="store_true", help="only rewrite BENCHMARKS.md from the results file")
+    ap.add_argument("--prepare", type=Path, default=None,
+                    help="only export --reference into DIR/reference and write DIR/inputs.pt (weights and a batch of "
+                         "--config with the overrides), to run benchmarks/step_timer.py by hand")
+    ap.add_argument("--config", default="configs/demo.yaml", help="the config of --prepare's inputs")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of --prepare's inputs")
     args = ap.parse_args()
     if args.render:
         return write_section(json.loads((RESULTS / "side_by_side.json").read_text()), "side-by-side", markdown)
+    if args.prepare:
+        (args.prepare / "reference").mkdir(parents=True, exist_ok=True)
+        export_commit(args.reference, args.prepare / "reference")
+        write_inputs(args.config, args.overrides, args.prepare / "inputs.pt")
+        return print(args.prepare)
     args.steps = {"released": args.released_steps, "demo": args.demo_steps}
     args.bf16 = args.device == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     res = {"reference": args.reference, "commit": commit(), "device": args.device, "repeats": args.repeats,

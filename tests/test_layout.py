@@ -137,3 +137,10 @@ def test_the_library_logs_instead_of_printing():
     prints = [f"{name}:{node.lineno}" for name, tree in _trees().items() for node in ast.walk(tree)
               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"]
     assert prints == [p for p in prints if p.startswith("acr.runtime.boundary:")], prints  # the error boundary only
+
+
+def test_tests_import_nothing_from_the_benchmarks_or_experiments():
+    """Tests run a benchmark's script as its users do; they share no code with benchmarks/ or experiments/."""
+    found = [f"{m}: {name}" for m, tree in _trees(("tests",)).items() for node in ast.walk(tree)
+             for name in _imported(node) if name.split(".")[0] in ("benchmarks", "experiments")]
+    assert not found, found

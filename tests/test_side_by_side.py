@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.side_by_side import export_commit, write_inputs
+import torch
+
 from tests.conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,10 +23,11 @@ def _time(repo: Path, inputs: Path, out: Path) -> dict:
 
 
 def test_the_step_timer_runs_the_checkout_it_is_given(tmp_path):
-    (tmp_path / "export").mkdir()
-    export = export_commit("HEAD", tmp_path / "export")
-    inputs = tmp_path / "inputs.pt"
-    assert write_inputs("configs/demo.yaml", OVERRIDES, inputs) == 2
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "side_by_side.py"), "--reference", "HEAD", "--prepare",
+                    str(tmp_path), "--config", "configs/demo.yaml", *OVERRIDES], check=True, cwd=REPO)
+    export, inputs = tmp_path / "reference", tmp_path / "inputs.pt"
+    assert (export / "acr" / "method" / "step.py").is_file()
+    assert torch.load(inputs, weights_only=True)["batch"]["image"].shape[0] == 2  # train.batch_size
     exported, here = _time(export, inputs, tmp_path / "a.json"), _time(REPO, inputs, tmp_path / "b.json")
     assert Path(exported["acr"]).resolve().is_relative_to(export.resolve())
     assert Path(here["acr"]).resolve().is_relative_to(REPO.resolve())
