@@ -83,7 +83,7 @@ def test_unet_sizes_and_released_parameter_count():
     dec = UNetDecoder(448, 3, depth=8, width=64)
     assert sum(p.numel() for p in dec.parameters()) == pytest.approx(54.9e6, rel=2e-3)
     assert UNetDecoder(8, 3, depth=3, width=4)(torch.randn(1, 8, 24, 16)).shape == (1, 3, 24, 16)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
         dec(torch.randn(1, 448, 320, 320))  # not a multiple of 2**8: the skip shapes do not match
 
 
