@@ -78,20 +78,11 @@ TINY_OVERRIDES = [
 ]
 
 
-# Modules of pure computation (no Ray, no job script, a few GiB at most): they run beside the released step's
-# float64 run in the background.
-BESIDE_RELEASED_STEP = ("test_cluster_yaml", "test_collectives", "test_config", "test_crf", "test_data",
-                        "test_equations", "test_irn", "test_layout", "test_metrics_cam", "test_models", "test_phases",
-                        "test_properties", "test_pseudo_labels", "test_safe_loading", "test_schedules_optim",
-                        "test_storage")
-
-
 def pytest_collection_modifyitems(session, config, items):
-    """The pure modules run first, beside the released step's float64 run (up to 15 GiB); then its test, which waits
-    for that run: no Ray test may overlap it (Ray's memory monitor kills their workers on this 24 GiB machine). The
-    multi-node tests run last, before tests/test_zz_other_ray_survives.py."""
-    pure = [i for i in items if i.nodeid.split("::")[0] in {f"tests/{m}.py" for m in BESIDE_RELEASED_STEP}]
-    first = pure + [i for i in items if i.nodeid.startswith("tests/test_released_step.py")]
+    """The released step's test runs first: it waits for its float64 run (up to 15 GiB), which no Ray test may
+    overlap (Ray's memory monitor kills their workers on this 24 GiB machine). The multi-node tests run last, before
+    tests/test_zz_other_ray_survives.py."""
+    first = [i for i in items if i.nodeid.startswith("tests/test_released_step.py")]
     late = [i for i in items if i.nodeid.startswith("tests/test_multinode.py")]
     last = [i for i in items if i.nodeid.startswith("tests/test_zz_")]
     items[:] = first + [i for i in items if i not in first + late + last] + late + last

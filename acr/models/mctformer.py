@@ -1,7 +1,7 @@
 """MCTformer-v2 (Xu et al., "Multi-class Token Transformer for Weakly Supervised Semantic Segmentation", CVPR 2022):
 a DeiT with one class token per class and a convolutional PatchCAM head on the patch tokens.
 
-Training (MCTformer engine.py `train_one_epoch`, models.py `MCTformerV2.forward`, commit 355a4aa): two multi-label
+Training (xulianuwa/MCTformer at 355a4aa: engine.py `train_one_epoch`, models.py `MCTformerV2.forward`): two multi-label
 soft-margin losses, one on the class-token scores (each output class token averaged over its channels; the last block's
 output, without the final LayerNorm) and one on the PatchCAM scores (global average of a 3x3 conv on the patch-token
 map). Localisation (`generate_attention_maps_ms`, run.sh): the class-to-patch attention of the last 3 blocks
